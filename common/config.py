@@ -1,0 +1,130 @@
+"""Typed command-line configs: a dataclass becomes flags, its comments become the --help text.
+
+    @dataclass
+    class Config:
+        n_layer: int = 4          # Transformer blocks
+        lr: float = 3e-3          # peak learning rate
+
+    cfg = parse_config(Config, presets={"tiny": {"n_layer": 1}})
+    # python train.py --preset tiny --lr 1e-3   ->  Config(n_layer=1, lr=0.001)
+
+A preset is a named set of overrides; flags given explicitly win over it. Bad input (an unknown flag or
+preset, a value of the wrong type) is one clear line and exit code 2, never a traceback. `UserError`
+is how a train.py reports any other bad input (a missing data file, a mismatched checkpoint), and
+`run_main` turns it into that same one line.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import inspect
+import re
+import sys
+import typing
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line by `run_main`, with exit code 2."""
+
+
+def run_main(main, *args, **kwargs):
+    """Call `main`; a `UserError` becomes "error: <message>" on stderr and exit code 2."""
+    try:
+        return main(*args, **kwargs)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def field_comments(config_class):
+    """The trailing comment of each field in the class source: {"n_layer": "Transformer blocks", ...}."""
+    comments = {}
+    for klass in reversed(config_class.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for match in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+?)\s*$", source, re.MULTILINE):
+            comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def parse_bool(text):
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_type(config_class, field):
+    """The field's Python type (dataclass annotations may be strings under `from __future__`)."""
+    hints = typing.get_type_hints(config_class)
+    kind = hints.get(field.name, field.type)
+    origin = typing.get_origin(kind)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        arguments = [a for a in typing.get_args(kind) if a is not type(None)]
+        kind = arguments[0] if len(arguments) == 1 else str
+    return kind
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is one line that lists the valid choices, and exits with 2."""
+
+    def error(self, message):
+        match = re.search(r"unrecognized arguments: (.+)", message)
+        if match:
+            flags = sorted(a.option_strings[0] for a in self._actions if a.option_strings)
+            unknown = match.group(1).split()[0]
+            close = difflib.get_close_matches(unknown, flags, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            message = f"unknown flag {unknown} ({hint}valid flags: {' '.join(flags)})"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_config(config_class, presets=None, argv=None, description=None, default_preset=None):
+    """Parse `argv` (default: sys.argv[1:]) into an instance of the dataclass `config_class`."""
+    presets = dict(presets or {})
+    fields = dataclasses.fields(config_class)
+    names = {f.name for f in fields}
+    for preset_name, overrides in presets.items():
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"preset {preset_name!r} sets unknown fields {sorted(unknown)}")
+
+    comments = field_comments(config_class)
+    parser = _OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    preset_help = "named set of overrides: " + ", ".join(
+        f"{name} ({', '.join(f'{k}={v}' for k, v in overrides.items()) or 'the defaults'})"
+        for name, overrides in presets.items()
+    )
+    if presets:
+        parser.add_argument("--preset", default=default_preset, help=preset_help)
+    for field in fields:
+        kind = _field_type(config_class, field)
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        help_text = comments.get(field.name, "")
+        if kind is bool:
+            parser.add_argument(f"--{field.name}", type=parse_bool, nargs="?", const=True, default=None,
+                                metavar="true|false", help=f"{help_text} (default: {default})")
+        else:
+            converter = kind if kind in (int, float, str) else str
+            parser.add_argument(f"--{field.name}", type=converter, default=None,
+                                metavar=converter.__name__.upper(), help=f"{help_text} (default: {default})")
+
+    arguments = parser.parse_args(argv)
+    values = {}
+    preset_name = getattr(arguments, "preset", None)
+    if preset_name is not None:
+        if preset_name not in presets:
+            parser.error(f"unknown preset {preset_name!r} (valid presets: {', '.join(presets)})")
+        values.update(presets[preset_name])
+    for field in fields:
+        given = getattr(arguments, field.name)
+        if given is not None:
+            values[field.name] = given
+    return config_class(**values)

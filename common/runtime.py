@@ -1,0 +1,249 @@
+"""Device, mixed precision, torch.compile, seeding and data-parallel training, set up in one call.
+
+    rt = setup(device="auto", dtype="auto", compile=False, seed=1337)
+    model = rt.maybe_compile(model.to(rt.device))
+    with rt.autocast():
+        logits, loss = model(x, y)
+    rt.scaler.scale(loss).backward()
+
+- Device: "auto" picks cuda > mps > cpu.
+- Mixed precision: on CUDA, autocast runs matmuls in bfloat16 where the GPU supports it (Ampere and
+  later), else in float16 with a GradScaler, since float16's narrow exponent range lets small gradients
+  underflow to zero unless the loss is scaled up first. On CPU everything stays float32 unless asked.
+  TF32 is allowed for the float32 matmuls that remain on CUDA.
+- Data parallel: under `torchrun`, each process holds a full model copy and a shard of the batch; DDP
+  all-reduces (averages) the gradients during backward, so every rank applies the same update.
+  The process group is nccl on CUDA and gloo on CPU.
+"""
+
+import atexit
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.config import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Dense (no sparsity) bfloat16/float16 tensor-core peaks in FLOP/s, from the vendors' data sheets.
+# Matched against torch.cuda.get_device_name() in order, so the more specific names come first.
+GPU_PEAK_FLOPS = [
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("A10G", 125e12), ("A10", 125e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+    ("A6000", 155e12), ("V100", 125e12), ("T4", 65e12),
+]
+
+
+def cache_dir():
+    """Where built corpora, downloads and measured peaks live: $LLMFS_CACHE or ~/.cache/llm-from-scratch."""
+    return Path(os.environ.get("LLMFS_CACHE", Path.home() / ".cache" / "llm-from-scratch"))
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype             # the autocast dtype; float32 means no autocast
+    compile: bool
+    seed: int
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    ddp: bool = False
+
+    def __post_init__(self):
+        # A GradScaler only does something for float16; for bf16/float32 it is a transparent no-op.
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
+
+    @property
+    def device_type(self):
+        return self.device.type
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        """Mixed-precision context for forward passes (a no-op in float32)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def log(self, *args, **kwargs):
+        """print, on the main process only."""
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def synchronize(self):
+        """Wait for queued GPU work, so that a wall-clock timing measures the work itself."""
+        if self.device_type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device_type == "mps":
+            torch.mps.synchronize()
+
+    def wrap(self, model):
+        """Wrap `model` in DistributedDataParallel when running under torchrun; else return it as is."""
+        if not self.ddp:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        device_ids = [self.local_rank] if self.device_type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def maybe_compile(self, model):
+        """torch.compile(model) when asked for and possible; otherwise the model, with one warning line."""
+        if not self.compile:
+            return model
+        reason = compile_unavailable_reason(self.device_type)
+        if reason:
+            self.log(f"warning: --compile ignored: {reason}")
+            return model
+        return torch.compile(model)
+
+    def all_reduce_mean(self, value):
+        """Average a float across ranks (the same float when not distributed)."""
+        if not self.ddp:
+            return float(value)
+        tensor = torch.tensor(float(value), device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.item() / self.world_size
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
+
+    def cleanup(self):
+        if self.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def compile_unavailable_reason(device_type):
+    """Why torch.compile cannot work here, or None. Checked up front because compile fails lazily,
+    at the first forward pass, deep inside the compiler."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile (needs torch 2.0+)"
+    if device_type == "cuda":
+        try:
+            import triton  # noqa: F401  (the compiler's GPU code generator)
+        except ImportError:
+            return "Triton is not installed (pip install triton)"
+    elif device_type == "cpu":
+        if not any(shutil.which(c) for c in ("g++", "c++", "clang++", "cl")):
+            return "no C++ compiler found for the CPU backend"
+    elif device_type == "mps":
+        return "torch.compile does not support MPS well yet"
+    if sys.platform == "win32":
+        return "torch.compile is not supported on Windows"
+    return None
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(device="auto", dtype="auto", compile=False, seed=1337):
+    """Pick the device and precision, seed everything, start DDP under torchrun; return a `Runtime`."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ   # set by torchrun
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UserError(f"unknown device {device!r} (valid: auto, cpu, cuda, mps)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps: MPS is not available on this machine (try --device cpu)")
+    if device == "cuda" and distributed:
+        device = f"cuda:{local_rank}"
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+        torch.set_float32_matmul_precision("high")   # TF32 for the float32 matmuls autocast leaves
+
+    if dtype == "auto":
+        if torch_device.type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (valid: auto, {', '.join(DTYPES)})")
+
+    if distributed:
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+    seed_everything(seed)
+    runtime = Runtime(device=torch_device, dtype=DTYPES[dtype], compile=bool(compile), seed=seed,
+                      rank=rank, local_rank=local_rank, world_size=world_size, ddp=distributed)
+    if distributed:
+        atexit.register(runtime.cleanup)
+    return runtime
+
+
+def measure_cpu_peak_flops(size=1024, repeats=5):
+    """The best float32 matmul throughput of this CPU with torch's current thread count, in FLOP/s."""
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    a @ b                                           # warm up the BLAS threads
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best                       # a (n x n) @ (n x n) matmul is 2 n^3 flops
+
+
+def peak_flops(device, dtype=torch.bfloat16):
+    """Peak FLOP/s for MFU: a data-sheet figure on known GPUs, a measured matmul on CPU (cached)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS:
+            if key in name:
+                # Without autocast the matmuls run in TF32, at half the bf16 tensor-core rate.
+                return flops if dtype in (torch.bfloat16, torch.float16) else flops / 2
+        return None
+    if device.type != "cpu":
+        return None
+    key = f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
+    path = cache_dir() / "cpu_peak_flops.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        cached[key] = measure_cpu_peak_flops()
+        try:
+            from common.checkpoint import atomic_write_json
+            atomic_write_json(path, cached)
+        except OSError:
+            pass                                    # a read-only home: measure again next time
+    return cached[key]
+
+
+def estimate_mfu(flops_per_token, tokens_per_second, device, dtype=torch.bfloat16):
+    """Model FLOPs utilisation: the fraction of the device's peak that the training step achieves."""
+    peak = peak_flops(device, dtype)
+    if not peak:
+        return None
+    return flops_per_token * tokens_per_second / peak

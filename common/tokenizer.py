@@ -1,0 +1,405 @@
+"""Byte-level BPE: trained here in seconds, encoded at tiktoken's speed.
+
+Byte-pair encoding (Sennrich et al., 2016; byte-level as in GPT-2) starts from the 256 byte values and
+repeatedly adds the most frequent adjacent pair as a new token:
+
+    "aaabdaaabac"  ->  merge (a, a) = Z  ->  "ZabdZabac"  ->  merge (Z, a) = Y  ->  "YbdYbac"  ...
+
+Two things make a real tokenizer out of that loop:
+
+1. Pre-tokenization. The text is first split into chunks by a regex (GPT-4's pattern by default: words
+   with their leading space, runs of up to 3 digits, punctuation, whitespace), and merges never cross a
+   chunk boundary, so " the" and "the." can't fuse into one token.
+2. Speed. Training counts each unique chunk once, keeps the pair counts up to date incrementally (a
+   merge touches only the chunks that contain the pair) and pops the best pair from a heap, instead of
+   re-counting the whole corpus after every merge. Encoding goes through a `tiktoken.Encoding` built
+   from our own ranks (no download); `encode_reference` is the same algorithm in readable Python.
+
+Token ids are ranks: ids 0..255 are the single bytes, 256.. the merges in the order they were learned,
+and the special tokens (e.g. "<|endoftext|>") take the last ids. Encoding a chunk repeatedly merges the
+adjacent pair whose concatenated bytes have the lowest rank, exactly as tiktoken does.
+"""
+
+import base64
+import hashlib
+import heapq
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import regex
+import tiktoken
+
+# GPT-2's split pattern (tiktoken's r50k_base) and GPT-4's (cl100k_base). The second keeps digits in
+# groups of at most 3, does not merge letters across an apostrophe-less case change, and splits newlines
+# from other whitespace; it is the default for the tokenizers we train.
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT4_SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+
+FORMAT_NAME = "llm-from-scratch/bpe"
+FORMAT_VERSION = 1
+
+
+def count_pairs(ids, counts=None, weight=1):
+    """Add the adjacent pairs of `ids` to `counts`, each `weight` times.
+
+    >>> count_pairs([1, 2, 3, 1, 2])
+    Counter({(1, 2): 2, (2, 3): 1, (3, 1): 1})
+    """
+    counts = Counter() if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] += weight
+    return counts
+
+
+def merge_pair(ids, pair, new_id):
+    """Replace every non-overlapping occurrence of `pair` in `ids` (left to right) by `new_id`.
+
+    >>> merge_pair([1, 2, 3, 1, 2], (1, 2), 4)
+    [4, 3, 4]
+    """
+    merged, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(ids[i])
+            i += 1
+    return merged
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters.
+
+    Hugging Face `vocab.json` / `merges.txt` files spell tokens with these characters (a space is
+    "Ġ", a newline "Ċ"); printable ASCII and Latin-1 bytes map to themselves.
+    """
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars)}
+
+
+class BPETokenizer:
+    """A byte-level BPE tokenizer: `ranks` (token bytes -> id), a split pattern and special tokens."""
+
+    def __init__(self, ranks, pattern=GPT4_SPLIT_PATTERN, special_tokens=None, name="bpe"):
+        self.ranks = dict(ranks)                                  # bytes -> id (= merge priority)
+        self.pattern = pattern
+        self.special_tokens = dict(special_tokens or {})          # "<|endoftext|>" -> id
+        self.name = name
+        self.id_to_bytes = {i: b for b, i in self.ranks.items()}
+        self.id_to_special = {i: s for s, i in self.special_tokens.items()}
+        if len(self.id_to_bytes) != len(self.ranks):
+            raise ValueError("two tokens share one id")
+        if set(self.id_to_special) & set(self.id_to_bytes):
+            raise ValueError("a special token shares its id with an ordinary token")
+        self.vocab_size = max([*self.id_to_bytes, *self.id_to_special]) + 1
+        self._split = regex.compile(pattern)
+        self._special_split = (
+            regex.compile("(" + "|".join(regex.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")")
+            if self.special_tokens else None
+        )
+        # The fast path: tiktoken runs the same rank-based merge loop in Rust, with threads for batches.
+        self._encoding = tiktoken.Encoding(
+            name=f"llmfs-{name}", pat_str=pattern, mergeable_ranks=self.ranks, special_tokens=self.special_tokens
+        )
+
+    # ------------------------------------------------------------------------------------------ training
+    @classmethod
+    def train(cls, text, vocab_size, special_tokens=(), pattern=GPT4_SPLIT_PATTERN, verbose=False, name="bpe"):
+        """Learn `vocab_size - 256 - len(special_tokens)` merges from `text` (a str or an iterable of str).
+
+        Ties between pairs with the same count go to the smallest pair of ids, (a, b) before (a, c)
+        before (b, a): the heap orders entries by (-count, a, b), so training is deterministic.
+        Special-token strings found in the text are cut out before counting: they are never learned
+        as ordinary bytes.
+        """
+        num_merges = vocab_size - 256 - len(special_tokens)
+        if num_merges < 0:
+            raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(special_tokens)} special tokens")
+        if len(set(special_tokens)) != len(special_tokens):
+            raise ValueError(f"duplicate special tokens in {special_tokens}")
+
+        # 1. Pre-tokenize and count each unique chunk once: a 1 MB text has ~250k chunks but ~25k unique.
+        split = regex.compile(pattern)
+        special_split = regex.compile("|".join(regex.escape(s) for s in special_tokens)) if special_tokens else None
+        chunk_counts = Counter()
+        for piece in [text] if isinstance(text, str) else text:
+            for part in special_split.split(piece) if special_split else [piece]:
+                chunk_counts.update(split.findall(part))
+        words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]    # each chunk as byte ids
+        freqs = list(chunk_counts.values())
+
+        # 2. Pair counts over all chunks, and for each pair the chunks where it occurs.
+        pair_counts = Counter()
+        where = defaultdict(set)
+        for index, (word, freq) in enumerate(zip(words, freqs)):
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] += freq
+                where[pair].add(index)
+        heap = [(-count, pair) for pair, count in pair_counts.items()]
+        heapq.heapify(heap)
+
+        # 3. Merge the best pair, update only the chunks that contain it, repeat.
+        ranks = {bytes([b]): b for b in range(256)}
+        id_to_bytes = {b: bytes([b]) for b in range(256)}
+        report_every = max(1, num_merges // 10)
+        merges_done = 0
+        while merges_done < num_merges and heap:
+            neg_count, pair = heapq.heappop(heap)
+            if pair_counts.get(pair, 0) != -neg_count:
+                continue                      # a stale entry: the pair's current count was pushed since
+            token = id_to_bytes[pair[0]] + id_to_bytes[pair[1]]
+            if token in ranks:
+                # The same bytes were already made by another pair, e.g. (ab, c) after (a, bc). Reuse that
+                # id: ranks are keyed by bytes, so a token can exist only once.
+                new_id = ranks[token]
+            else:
+                new_id = len(ranks)
+                ranks[token] = new_id
+                id_to_bytes[new_id] = token
+                merges_done += 1
+                if verbose and merges_done % report_every == 0:
+                    print(f"  bpe merge {merges_done}/{num_merges}: {token!r} (count {-neg_count})", flush=True)
+            changed = set()
+            for index in where.pop(pair, ()):
+                word = words[index]
+                if len(word) < 2:
+                    continue
+                merged = merge_pair(word, pair, new_id)
+                if len(merged) == len(word):
+                    continue                  # the pair no longer occurs here (a stale index)
+                freq = freqs[index]
+                for old in zip(word, word[1:]):
+                    pair_counts[old] -= freq
+                    changed.add(old)
+                for new in zip(merged, merged[1:]):
+                    pair_counts[new] += freq
+                    where[new].add(index)
+                    changed.add(new)
+                words[index] = merged
+            for changed_pair in changed:
+                count = pair_counts[changed_pair]
+                if count > 0:
+                    heapq.heappush(heap, (-count, changed_pair))
+                else:
+                    del pair_counts[changed_pair]
+
+        specials = {s: len(ranks) + i for i, s in enumerate(special_tokens)}
+        return cls(ranks, pattern=pattern, special_tokens=specials, name=name)
+
+    # ------------------------------------------------------------------------------------------ encoding
+    def _check_special(self, text, allowed_special):
+        """Raise if `text` holds a special token's string that the caller did not allow (as tiktoken)."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise ValueError(f"unknown special tokens in allowed_special: {sorted(unknown)}")
+        if self._special_split is not None:
+            for match in self._special_split.finditer(text):
+                if match.group(0) not in allowed:
+                    raise ValueError(
+                        f"text contains the special token {match.group(0)!r}; pass "
+                        f"allowed_special={{{match.group(0)!r}}} (or 'all') to encode it as one token"
+                    )
+        return allowed
+
+    def encode(self, text, allowed_special=()):
+        """Text -> token ids (the fast tiktoken path)."""
+        allowed = self._check_special(text, allowed_special)
+        return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def encode_batch(self, texts, allowed_special=(), num_threads=8):
+        """Many texts -> lists of ids, encoded in parallel threads by tiktoken."""
+        texts = list(texts)
+        for text in texts:
+            allowed = self._check_special(text, allowed_special)
+        if not texts:
+            return []
+        return self._encoding.encode_batch(texts, num_threads=num_threads, allowed_special=allowed, disallowed_special=())
+
+    def encode_reference(self, text, allowed_special=()):
+        """Text -> token ids in plain Python: the algorithm that `encode` runs in Rust, step by step."""
+        allowed = self._check_special(text, allowed_special)
+        ids = []
+        parts = self._special_split.split(text) if self._special_split else [text]
+        for part in parts:
+            if part in allowed:
+                ids.append(self.special_tokens[part])
+                continue
+            for chunk in self._split.findall(part):
+                ids.extend(self._bpe(chunk.encode("utf-8")))
+        return ids
+
+    def _bpe(self, piece):
+        """One chunk's bytes -> ids: merge the adjacent pair of lowest rank until none is a token.
+
+        >>> # with ranks {b"a": 97, b"b": 98, b"ab": 256, b"abb": 257}: b"abb" is one token already;
+        >>> # b"abab" -> [b"a", b"b", b"a", b"b"] -> [b"ab", b"a", b"b"] -> [b"ab", b"ab"] -> [256, 256]
+        """
+        if piece in self.ranks:                    # tiktoken's shortcut: a whole chunk that is a token
+            return [self.ranks[piece]]
+        parts = [piece[i:i + 1] for i in range(len(piece))]
+        while len(parts) > 1:
+            best_rank, best_index = None, None
+            for i in range(len(parts) - 1):
+                rank = self.ranks.get(parts[i] + parts[i + 1])
+                if rank is not None and (best_rank is None or rank < best_rank):
+                    best_rank, best_index = rank, i   # strict <: the leftmost pair wins a tie
+            if best_rank is None:
+                break
+            parts[best_index:best_index + 2] = [parts[best_index] + parts[best_index + 1]]
+        return [self.ranks[part] for part in parts]
+
+    # ------------------------------------------------------------------------------------------ decoding
+    def decode(self, ids):
+        """Token ids -> text. Byte sequences that are not valid UTF-8 become U+FFFD, never an error."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids):
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if i not in self.id_to_bytes and i not in self.id_to_special:
+                raise ValueError(f"token id {i} is not in this tokenizer (vocab_size {self.vocab_size})")
+        return b"".join(
+            self.id_to_bytes[i] if i in self.id_to_bytes else self.id_to_special[i].encode("utf-8") for i in ids
+        )
+
+    def token_to_id(self, token):
+        """The id of a special token, or of a string that is exactly one ordinary token."""
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        token_bytes = token.encode("utf-8") if isinstance(token, str) else token
+        if token_bytes in self.ranks:
+            return self.ranks[token_bytes]
+        raise KeyError(f"{token!r} is not a single token of this tokenizer")
+
+    def id_to_token(self, token_id):
+        """The string of one token (bytes that are not valid UTF-8 on their own are replaced)."""
+        return self.decode([token_id])
+
+    # -------------------------------------------------------------------------------- saving and loading
+    def to_dict(self):
+        tokens = [None] * self.vocab_size
+        for token, i in self.ranks.items():
+            tokens[i] = base64.b64encode(token).decode("ascii")
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "tokens": tokens,                     # tokens[id] = base64 of its bytes; null for special ids
+        }
+
+    @property
+    def fingerprint(self):
+        """A short digest of everything that decides the ids: equal fingerprints, equal encodings."""
+        canonical = json.dumps({k: v for k, v in self.to_dict().items() if k != "name"}, sort_keys=True)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+    def save(self, path):
+        """Write the tokenizer as a JSON text file, atomically (a reader never sees half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(self.to_dict()), encoding="utf-8")
+        temporary.replace(path)
+
+    @classmethod
+    def load(cls, path):
+        path = Path(path)
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"tokenizer file not found: {path}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a tokenizer file (not valid JSON: {error})") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path} is not a {FORMAT_NAME} tokenizer file")
+        if state.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has tokenizer format version {state.get('version')}, expected {FORMAT_VERSION}")
+        try:
+            ranks = {base64.b64decode(t, validate=True): i for i, t in enumerate(state["tokens"]) if t is not None}
+            return cls(ranks, pattern=state["pattern"], special_tokens=state["special_tokens"], name=state.get("name", "bpe"))
+        except (KeyError, TypeError, ValueError, regex.error) as error:
+            raise ValueError(f"{path} is a corrupt tokenizer file ({type(error).__name__}: {error})") from None
+
+    # --------------------------------------------------------------------------- pretrained vocabularies
+    @classmethod
+    def from_tiktoken(cls, encoding_name="gpt2"):
+        """A pretrained tiktoken vocabulary ("gpt2", "cl100k_base"...). tiktoken downloads it once."""
+        try:
+            encoding = tiktoken.get_encoding(encoding_name)
+        except ValueError as error:
+            raise ValueError(f"unknown tiktoken encoding {encoding_name!r}: {error}") from None
+        except Exception as error:  # requests' connection errors, a blocked network, a bad cache...
+            raise RuntimeError(
+                f"could not fetch the {encoding_name!r} vocabulary ({type(error).__name__}); offline? "
+                "load GPT-2-format files instead: BPETokenizer.from_hf('vocab.json', 'merges.txt')"
+            ) from None
+        return cls(encoding._mergeable_ranks, pattern=encoding._pat_str,
+                   special_tokens=encoding._special_tokens, name=encoding_name)
+
+    @classmethod
+    def from_hf(cls, vocab_json, merges_txt, pattern=GPT2_SPLIT_PATTERN, name="gpt2-hf"):
+        """GPT-2-format files: `vocab.json` (token -> id, bytes spelled by `bytes_to_unicode`) and
+        `merges.txt` (one "left right" merge per line, in priority order).
+
+        tiktoken's ranks are the ids, so the ids of merged tokens must increase in merge order (true of
+        GPT-2 and RoBERTa). Vocabulary entries that are neither a single byte nor made by a merge, like
+        "<|endoftext|>", become special tokens.
+        """
+        byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+        try:
+            vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+            merge_lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"GPT-2 vocabulary file not found: {error.filename}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{vocab_json} is not a GPT-2 vocab.json ({error})") from None
+
+        def to_bytes(token):
+            try:
+                return bytes(byte_of[char] for char in token)
+            except KeyError:
+                return None                       # not byte-level text: a special token
+
+        ranks, merged_ids = {}, []
+        for token, i in vocab.items():
+            token_bytes = to_bytes(token)
+            if token_bytes is not None and len(token_bytes) == 1:
+                ranks[token_bytes] = i
+        for line_number, line in enumerate(merge_lines, 1):
+            if not line.strip() or line.startswith("#version"):
+                continue
+            parts = line.split()
+            if len(parts) != 2 or parts[0] + parts[1] not in vocab:
+                raise ValueError(f"{merges_txt}:{line_number}: bad merge line {line!r}")
+            merged = parts[0] + parts[1]
+            ranks[to_bytes(merged)] = vocab[merged]
+            merged_ids.append(vocab[merged])
+        if len(ranks) - len(merged_ids) != 256:
+            raise ValueError(f"{vocab_json} does not hold all 256 byte tokens")
+        if any(b <= a for a, b in zip(merged_ids, merged_ids[1:])):
+            raise ValueError(f"{vocab_json}: merged token ids are not in merge order; tiktoken-style ranks need that")
+        known_ids = set(ranks.values())
+        special = {token: i for token, i in vocab.items() if i not in known_ids}
+        return cls(ranks, pattern=pattern, special_tokens=special, name=name)
+
+    def __repr__(self):
+        return f"BPETokenizer(name={self.name!r}, vocab_size={self.vocab_size}, special_tokens={len(self.special_tokens)})"
