@@ -1,0 +1,223 @@
+"""Properties of common/runtime.py, common/config.py, common/checkpoint.py and common/report.py."""
+
+import contextlib
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import runtime
+from common.checkpoint import atomic_write_json, load_checkpoint, load_model_state, save_checkpoint
+from common.config import UserError, field_comments, parse_config, run_main
+from common.report import Progress, format_seconds, format_table, print_report, write_report
+
+TESTS = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------- runtime
+def test_cpu_setup_is_float32_without_autocast():
+    rt = runtime.setup(device="cpu", seed=3)
+    assert rt.device == torch.device("cpu") and rt.dtype == torch.float32
+    assert isinstance(rt.autocast(), contextlib.nullcontext)
+    assert not rt.scaler.is_enabled()
+    assert rt.is_main and rt.world_size == 1 and not rt.ddp
+    model = torch.nn.Linear(2, 2)
+    assert rt.wrap(model) is model
+
+
+def test_cpu_bfloat16_autocast_when_asked():
+    rt = runtime.setup(device="cpu", dtype="bfloat16")
+    with rt.autocast():
+        out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert out.dtype == torch.bfloat16
+
+
+def test_seeding_makes_runs_repeatable():
+    runtime.setup(device="cpu", seed=123)
+    first = torch.randn(5)
+    runtime.setup(device="cpu", seed=123)
+    assert torch.equal(first, torch.randn(5))
+
+
+def test_bad_device_and_dtype_are_user_errors():
+    with pytest.raises(UserError, match="unknown device"):
+        runtime.setup(device="tpu")
+    with pytest.raises(UserError, match="unknown dtype"):
+        runtime.setup(device="cpu", dtype="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            runtime.setup(device="cuda")
+
+
+def test_compile_falls_back_with_one_warning(monkeypatch, capsys):
+    rt = runtime.setup(device="cpu", compile=True)
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    model = torch.nn.Linear(2, 2)
+    assert rt.maybe_compile(model) is model
+    assert "warning: --compile ignored: no C++ compiler" in capsys.readouterr().out
+    rt_off = runtime.setup(device="cpu", compile=False)
+    assert rt_off.maybe_compile(model) is model
+
+
+def test_cpu_peak_is_measured_once_and_mfu_is_a_fraction(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMFS_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(runtime, "measure_cpu_peak_flops", lambda: calls.append(1) or 1e11)
+    assert runtime.peak_flops("cpu") == 1e11
+    assert runtime.peak_flops("cpu") == 1e11
+    assert len(calls) == 1 and (tmp_path / "cpu_peak_flops.json").exists()
+    assert runtime.estimate_mfu(1e6, 1e4, "cpu") == pytest.approx(0.1)
+
+
+def test_measured_cpu_peak_is_plausible():
+    flops = runtime.measure_cpu_peak_flops(size=256, repeats=2)
+    assert 1e8 < flops < 1e14
+
+
+def test_ddp_on_cpu_equals_one_process_on_the_full_batch(tmp_path):
+    """Two gloo ranks, each with half the batch, end with identical parameters equal to one process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(TESTS / "ddp_check.py"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+
+    sys.path.insert(0, str(TESTS))
+    import ddp_check
+    model, inputs, targets = ddp_check.make_model_and_batch()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    ddp_check.train(model, inputs, targets)
+    for name, value in model.state_dict().items():
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], value, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(value, initial[name])        # training moved the parameters
+
+
+# -------------------------------------------------------------------------------------------- config
+@dataclass
+class ExampleConfig:
+    n_layer: int = 4          # Transformer blocks
+    lr: float = 3e-3          # peak learning rate
+    compile: bool = False     # compile the model with torch.compile
+    data: str = "pydocs"      # corpus name or path
+
+
+PRESETS = {"tiny": {"n_layer": 1, "lr": 1e-2}, "big": {"n_layer": 12}}
+
+
+def test_flags_presets_and_precedence():
+    assert parse_config(ExampleConfig, PRESETS, argv=[]) == ExampleConfig()
+    assert parse_config(ExampleConfig, PRESETS, argv=["--preset", "tiny"]) == ExampleConfig(n_layer=1, lr=1e-2)
+    cfg = parse_config(ExampleConfig, PRESETS, argv=["--preset", "tiny", "--lr", "5e-4", "--compile"])
+    assert cfg == ExampleConfig(n_layer=1, lr=5e-4, compile=True)
+    assert parse_config(ExampleConfig, PRESETS, argv=["--compile", "false"]).compile is False
+    assert parse_config(ExampleConfig, PRESETS, argv=["--data", "my.txt"]).data == "my.txt"
+
+
+def test_help_shows_field_comments(capsys):
+    assert field_comments(ExampleConfig)["lr"] == "peak learning rate"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(ExampleConfig, PRESETS, argv=["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "Transformer blocks" in help_text and "tiny (n_layer=1" in help_text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layr", "3"], "unknown flag --n_layr (did you mean --n_layer?"),
+    (["--preset", "huge"], "unknown preset 'huge' (valid presets: tiny, big)"),
+    (["--n_layer", "three"], "invalid int value"),
+    (["--compile", "maybe"], "expected true or false"),
+])
+def test_bad_flags_are_one_line_and_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(ExampleConfig, PRESETS, argv=argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+
+
+def test_run_main_turns_user_errors_into_one_line(capsys):
+    def main():
+        raise UserError("data file not found: nope.txt")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: data file not found: nope.txt\n"
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+def test_checkpoint_roundtrip_with_plain_values(tmp_path):
+    state = {"model": torch.nn.Linear(3, 2).state_dict(), "config": {"n_layer": 2}, "iter": 7}
+    save_checkpoint(tmp_path / "ckpt.pt", state)
+    loaded = load_checkpoint(tmp_path / "ckpt.pt")
+    assert loaded["iter"] == 7 and loaded["config"] == {"n_layer": 2}
+    assert torch.equal(loaded["model"]["weight"], state["model"]["weight"])
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]    # no temporary file left behind
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"iter": 1})
+
+    def crash(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"iter": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iter"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_bad_checkpoints_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(UserError, match="garbage.pt is not a readable checkpoint"):
+        load_checkpoint(tmp_path / "garbage.pt")
+
+
+class Arbitrary:
+    """An object that weights_only loading must refuse to unpickle."""
+
+
+def test_checkpoints_never_unpickle_arbitrary_objects(tmp_path):
+    torch.save({"payload": Arbitrary()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_mismatched_model_state_is_a_user_error():
+    state = torch.nn.Linear(4, 2).state_dict()
+    with pytest.raises(UserError, match="does not match this model's config"):
+        load_model_state(torch.nn.Linear(8, 2), state, "ckpt.pt")
+
+
+# -------------------------------------------------------------------------------------------- report
+def test_progress_lines_show_loss_lr_throughput_and_eta():
+    lines = []
+    progress = Progress(total_iters=20, tokens_per_iter=100, log=lines.append, log_interval=5)
+    for it in range(20):
+        progress.step(it, loss=torch.tensor(2.5), lr=1e-3)
+    assert len(lines) == 5                                  # first iteration, then every 5th
+    assert lines[-1].startswith("iter 20/20 | loss 2.5000 | lr 1.00e-03 |")
+    assert "tok/s" in lines[-1] and "ETA" in lines[-1]
+
+
+def test_report_table_and_json(tmp_path, capsys):
+    report = {"chapter": "05_gpt", "device": "cpu", "pretrain": {"val_loss": 3.25, "seconds": 61.0},
+              "finetune": {"python-qa": {"metric": "val_loss", "pretrained": 2.1, "scratch": 3.3, "seconds": 40.0}}}
+    print_report(report)
+    out = capsys.readouterr().out
+    assert "python-qa" in out and "val_loss" in out and "2.1000" in out
+    write_report(tmp_path / "report.json", report)
+    assert (tmp_path / "report.json").read_text().startswith("{")
+    atomic_write_json(tmp_path / "x.json", {"a": 1})
+    assert format_seconds(80) == "1m20s" and format_seconds(4.25) == "4.2s"
+    assert format_table([{"a": 1.5}], ["a", "b"]).splitlines()[2].split() == ["1.5000", "-"]

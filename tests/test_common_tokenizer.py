@@ -1,0 +1,237 @@
+"""Properties of common/tokenizer.py: lossless round trips, fast path == reference, deterministic
+training equal to the naive algorithm, special tokens, files, and pretrained-vocabulary import."""
+
+import json
+import random
+
+import pytest
+import tiktoken
+
+from common import tokenizer as tokenizer_module
+from common.tokenizer import GPT2_SPLIT_PATTERN, BPETokenizer, bytes_to_unicode, merge_pair
+
+EOT = "<|endoftext|>"
+
+
+def sample_text():
+    """~150 kB of real prose and code-like text that ships with every Python: the pydoc topics."""
+    import pydoc_data.topics
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[key] for key in sorted(topics))[:150_000]
+
+
+@pytest.fixture(scope="module")
+def text():
+    return sample_text()
+
+
+@pytest.fixture(scope="module")
+def tok(text):
+    return BPETokenizer.train(text, vocab_size=512, special_tokens=(EOT, "<|pad|>"))
+
+
+ADVERSARIAL = [
+    "",
+    " ",
+    "hello world",
+    "👨‍👩‍👧‍👦 family, 🏳️‍🌈 flag, 👍🏽 skin tone",          # ZWJ sequences, variation selectors
+    "日本語のテキストと中文文本，한국어 텍스트",                  # CJK
+    "e\u0301 a\u0308 Z\u0351\u0362\u0334 combining marks",
+    "control \x00\x01\x07\x1b[31m chars \x7f",
+    "windows\r\nline\r\nendings\r\n",
+    "long      whitespace\t\t\t\n\n\n\n      runs    ",
+    "numbers 1234567890 3.14159 -42 1e-9",
+    "don't can't I'M WE'LL 's 'S",
+    "\ufeffBOM and \u2028 line separator \u00a0 nbsp",
+    "a" * 5000,
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math 𝟘𝟙𝟚 astral plane",
+]
+
+
+def random_unicode(rng, length):
+    """Random valid text: ASCII-heavy, with Latin, CJK, emoji, combining marks and control characters."""
+    ranges = [(0x20, 0x7E)] * 6 + [(0x00, 0x1F), (0xA0, 0x24F), (0x300, 0x36F), (0x4E00, 0x9FFF),
+                                   (0x1F300, 0x1FAFF), (0x10000, 0x10FFF), (0xE000, 0xF8FF)]
+    characters = []
+    for _ in range(length):
+        low, high = rng.choice(ranges)
+        characters.append(chr(rng.randint(low, high)))
+    return "".join(characters)
+
+
+def test_training_counts_vocab_and_special_ids(tok):
+    assert tok.vocab_size == 512
+    assert tok.special_tokens == {EOT: 510, "<|pad|>": 511}
+    assert len(tok.ranks) == 510
+    assert all(tok.ranks[bytes([b])] == b for b in range(256))
+
+
+def test_training_is_deterministic_and_equals_the_naive_algorithm(text):
+    small = text[:20_000]
+    fast = BPETokenizer.train(small, vocab_size=300, special_tokens=(EOT,))
+    again = BPETokenizer.train(small, vocab_size=300, special_tokens=(EOT,))
+    naive = BPETokenizer.train_reference(small, vocab_size=300, special_tokens=(EOT,))
+    assert fast.ranks == again.ranks
+    assert fast.ranks == naive.ranks
+    assert fast.fingerprint == naive.fingerprint
+
+
+def test_training_accepts_an_iterable_and_ignores_special_strings():
+    documents = ["the cat sat", f"on the mat {EOT} the end", "the cat"]
+    tok = BPETokenizer.train(documents, vocab_size=270, special_tokens=(EOT,))
+    assert b"<|" not in tok.ranks and b"|>" not in tok.ranks
+    assert tok.decode(tok.encode("the cat")) == "the cat"
+
+
+def test_roundtrip_on_adversarial_unicode(tok):
+    for s in ADVERSARIAL:
+        assert tok.decode(tok.encode(s)) == s, repr(s[:40])
+
+
+def test_roundtrip_and_reference_on_random_unicode(tok):
+    rng = random.Random(0)
+    for _ in range(200):
+        s = random_unicode(rng, rng.randint(0, 120))
+        ids = tok.encode(s)
+        assert tok.decode(ids) == s
+        assert tok.encode_reference(s) == ids
+
+
+def test_reference_equals_fast_path_on_the_corpus(tok, text):
+    piece = text[:60_000]
+    assert tok.encode_reference(piece) == tok.encode(piece)
+    for s in ADVERSARIAL:
+        assert tok.encode_reference(s) == tok.encode(s)
+
+
+def test_merge_pair_and_bpe_worked_example():
+    assert merge_pair([1, 2, 3, 1, 2], (1, 2), 4) == [4, 3, 4]
+    assert merge_pair([1, 1, 1], (1, 1), 9) == [9, 1]
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({b"ab": 256, b"abb": 257})
+    tok = BPETokenizer(ranks)
+    assert tok._bpe(b"abab") == [256, 256]
+    assert tok._bpe(b"abb") == [257]
+
+
+def test_encode_batch_equals_encode(tok, text):
+    texts = [text[i:i + 500] for i in range(0, 10_000, 500)]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_special_tokens_need_permission(tok):
+    s = f"first document{EOT}second"
+    with pytest.raises(ValueError, match="special token"):
+        tok.encode(s)
+    with pytest.raises(ValueError, match="special token"):
+        tok.encode_reference(s)
+    with pytest.raises(ValueError, match="special token"):
+        tok.encode_batch(["fine", s])
+    ids = tok.encode(s, allowed_special={EOT})
+    assert ids.count(tok.special_tokens[EOT]) == 1
+    assert tok.encode_reference(s, allowed_special="all") == ids
+    assert tok.decode(ids) == s
+    assert tok.token_to_id(EOT) == 510
+
+
+def test_decode_replaces_invalid_utf8_and_rejects_unknown_ids(tok):
+    emoji_ids = tok.encode("🙂")
+    assert len(emoji_ids) > 1                          # four bytes, not a learned token
+    assert "\ufffd" in tok.decode(emoji_ids[:1])       # half a character: replaced, not raised
+    with pytest.raises(ValueError, match="not in this tokenizer"):
+        tok.decode([tok.vocab_size])
+    with pytest.raises(ValueError):
+        tok.decode([-1])
+
+
+def test_save_load_roundtrip(tok, tmp_path, text):
+    path = tmp_path / "tok.json"
+    tok.save(path)
+    json.loads(path.read_text())                        # a plain text file
+    loaded = BPETokenizer.load(path)
+    assert loaded.fingerprint == tok.fingerprint
+    assert loaded.special_tokens == tok.special_tokens
+    assert loaded.encode(text[:5000]) == tok.encode(text[:5000])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json at all", "not valid JSON"),
+    ('{"hello": 1}', "not a llm-from-scratch/bpe tokenizer"),
+    ('{"format": "llm-from-scratch/bpe", "version": 99}', "format version 99"),
+    ('{"format": "llm-from-scratch/bpe", "version": 1, "pattern": "x", "special_tokens": {}, "tokens": ["!!"]}',
+     "corrupt"),
+])
+def test_bad_tokenizer_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "broken.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        BPETokenizer.load(path)
+    assert "broken.json" in str(error.value)
+
+
+def test_missing_tokenizer_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        BPETokenizer.load(tmp_path / "nope.json")
+
+
+def write_gpt2_format(folder):
+    """A hand-made GPT-2-format vocabulary: 256 bytes, 4 merges, and <|endoftext|>."""
+    byte_encoder = bytes_to_unicode()
+    vocab = {byte_encoder[b]: i for i, b in enumerate(sorted(byte_encoder, key=lambda b: ord(byte_encoder[b])))}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġthe", "n")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    vocab[EOT] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    return vocab
+
+
+def test_from_hf_on_a_hand_made_gpt2_vocabulary(tmp_path):
+    vocab = write_gpt2_format(tmp_path)
+    tok = BPETokenizer.from_hf(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    assert tok.special_tokens == {EOT: vocab[EOT]}
+    assert tok.encode(" the") == [vocab["Ġthe"]]
+    assert tok.encode(" then he") == [vocab["Ġthen"], vocab["Ġ"], vocab["he"]]
+    assert tok.encode_reference(" then he") == tok.encode(" then he")
+    assert tok.decode(tok.encode("héllo 世界 the\n")) == "héllo 世界 the\n"
+    assert tok.encode(EOT, allowed_special="all") == [vocab[EOT]]
+
+
+def test_from_hf_matches_the_reference_gpt2_tokenizer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    vocab = write_gpt2_format(tmp_path)
+    ours = BPETokenizer.from_hf(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    theirs = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    for s in [" the then", "then the  he\n\nthe", "héllo wörld 123", *ADVERSARIAL[:9]]:
+        assert ours.encode(s) == theirs.encode(s), repr(s)
+    assert vocab[EOT] == ours.special_tokens[EOT]
+
+
+def test_from_hf_rejects_bad_files(tmp_path):
+    write_gpt2_format(tmp_path)
+    (tmp_path / "merges.txt").write_text("Ġ t\nnot_a_merge_line_with_three parts here\n")
+    with pytest.raises(ValueError, match="bad merge line"):
+        BPETokenizer.from_hf(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        BPETokenizer.from_hf(tmp_path / "missing.json", tmp_path / "merges.txt")
+
+
+def test_from_tiktoken_offline_gives_a_clear_error(monkeypatch):
+    def offline(name):
+        raise ConnectionError("Failed to establish a new connection")
+    monkeypatch.setattr(tokenizer_module.tiktoken, "get_encoding", offline)
+    with pytest.raises(RuntimeError, match="offline.*from_hf"):
+        BPETokenizer.from_tiktoken("gpt2")
+
+
+def test_from_tiktoken_wraps_the_encoding(monkeypatch):
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks[b"ab"] = 256
+    local = tiktoken.Encoding("local", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                              special_tokens={EOT: 257})
+    monkeypatch.setattr(tokenizer_module.tiktoken, "get_encoding", lambda name: local)
+    tok = BPETokenizer.from_tiktoken("gpt2")
+    assert tok.vocab_size == 258
+    assert tok.encode("abab") == local.encode("abab") == [256, 256]
+    assert tok.special_tokens == {EOT: 257}
