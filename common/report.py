@@ -57,24 +57,28 @@ class Progress:
         self.start_iter = start_iter
         self.tokens_per_second = None           # over the latest interval
         self.tokens_seen = 0
+        self.interval_tokens = 0
 
-    def step(self, it, loss=None, lr=None, **extra):
-        """Record that iteration `it` (0-based) finished; print a line when one is due."""
-        self.tokens_seen += self.tokens_per_iter
+    def step(self, it, loss=None, lr=None, tokens=None, **extra):
+        """Record that iteration `it` (0-based) finished, having processed `tokens` tokens (default
+        tokens_per_iter); print a line when one is due."""
+        tokens = self.tokens_per_iter if tokens is None else tokens
+        self.tokens_seen += tokens
+        self.interval_tokens += tokens
         last = it == self.total_iters - 1
         if (it + 1) % self.log_interval and not last and it != self.start_iter:
             return None
         now = time.perf_counter()
-        iters = it - self.last_iter
         elapsed = now - self.last_time
         self.last_time, self.last_iter = now, it
-        self.tokens_per_second = iters * self.tokens_per_iter / elapsed if elapsed > 0 else None
+        self.tokens_per_second = self.interval_tokens / elapsed if elapsed > 0 else None
+        self.interval_tokens = 0
         done_iters = it + 1 - self.start_iter
         per_iter = (now - self.start_time) / done_iters
         eta = per_iter * (self.total_iters - it - 1)
         parts = [f"{self.name}iter {it + 1:>{len(str(self.total_iters))}}/{self.total_iters}"]
         if loss is not None:
-            parts.append(f"loss {float(loss):.4f}")
+            parts.append(f"loss {float(loss.detach() if hasattr(loss, 'detach') else loss):.4f}")
         if lr is not None:
             parts.append(f"lr {lr:.2e}")
         for key, value in extra.items():

@@ -4,7 +4,6 @@ The chapter folders start with digits (``05_gpt``), so they are not importable p
 chapter's ``model.py`` or ``train.py`` by path with :func:`load_module`.
 """
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -14,22 +13,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # so that `import common` works from any working directory
 
+import common  # noqa: E402
+
 
 def load_module(relative_path):
     """Import ``REPO_ROOT / relative_path`` as a module and return it.
 
-    Each file gets a unique module name (``ch_05_gpt_model``), so two chapters' ``model.py`` never
-    shadow each other in ``sys.modules``.
+    The module name is unique to the file (``chapter_05_gpt_model``) and the same one a train.py gets
+    from ``common.load_module``, so a test and a train.py share one module object.
     """
-    path = REPO_ROOT / relative_path
-    name = "ch_" + "_".join(Path(relative_path).with_suffix("").parts)
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return common.load_module(REPO_ROOT / relative_path)
 
 
 @pytest.fixture
