@@ -413,3 +413,40 @@ class GPT(nn.Module):
                                      f"expected {tuple(ours[name].shape)}")
                 ours[name].copy_(tensor)
         return model
+
+
+class GPTClassifier(nn.Module):
+    """GPT with a linear head on the hidden state of the last real token:
+
+        p(y | x) = softmax(W h_L[last]),  L = L_CE + lambda * L_LM
+
+    The last token is the one that has attended to the whole text (attention is causal). The auxiliary
+    L_LM keeps the language-modelling objective alive during finetuning (GPT-1, Radford et al. 2018).
+    """
+
+    def __init__(self, gpt, num_labels):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.n_embd, num_labels)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask, labels=None, lm_weight=0.0):
+        # Right padding and causal attention: real tokens never see the padding after them.
+        hidden = self.gpt.forward_hidden(input_ids)                        # (B, T, C)
+        last = attention_mask.sum(dim=1) - 1                               # (B,) index of the last real token
+        pooled = hidden[torch.arange(input_ids.size(0), device=input_ids.device), last]   # (B, C)
+        logits = self.head(pooled)                                         # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, labels)
+            if lm_weight > 0:
+                lm_logits = self.gpt.lm_head(hidden[:, :-1])               # (B, T-1, V)
+                lm_targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+                lm_loss = F.cross_entropy(lm_logits.reshape(-1, lm_logits.size(-1)), lm_targets.reshape(-1),
+                                          ignore_index=-100)
+                loss = loss + lm_weight * lm_loss
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return GPT.configure_optimizers(self, weight_decay, learning_rate, betas, device_type)
