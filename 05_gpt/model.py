@@ -336,14 +336,20 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on the matrices (Linear weights, embeddings) only; biases and
-        LayerNorm gains are not decayed. Frozen parameters are left out. Fused kernel on CUDA."""
+        LayerNorm gains are not decayed. Frozen parameters are left out. One fused kernel for the whole
+        update where this torch has it for the device (CUDA; CPU since torch 2.4); `device_type` is kept
+        for the familiar signature, the parameters' device decides."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        if "fused" in inspect.signature(torch.optim.AdamW).parameters:
+            try:  # one kernel for all parameters: fused on CUDA, and on CPU since torch 2.4 (~4x faster step)
+                return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
+            except (RuntimeError, ValueError):
+                pass  # this torch has no fused kernel for this device: the plain loop below
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
 
     @classmethod
     def from_pretrained(cls, path, dropout=0.0, attn_impl="sdpa"):

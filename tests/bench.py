@@ -1,0 +1,168 @@
+"""Benchmarks (not collected by pytest): python tests/bench.py [--nanogpt PATH] [--only NAME ...]
+
+    tokenizer   BPE training on 1 MB of the default corpus to vocab 1024 (ours, one core) beside the
+                naive re-count-every-merge algorithm (timed on its first merges, extrapolated per merge);
+                encode throughput of the tiktoken path vs the pure-Python reference
+    gpt         05_gpt training tokens/s and MFU at the benchmark config (4 layers, 4 heads, 256 wide,
+                context 256, batch 16, vocab 1024, float32, eager) against this CPU's measured matmul
+                peak; with --nanogpt PATH, nanoGPT's model.py from a local checkout timed side by side
+                in the same process, step for step alternating with ours
+    generate    256 new tokens with the KV cache vs recomputing the whole context every step
+    chapters    training tokens/s of each chapter's model at a small fixed config
+
+Figures vary with the machine and its load; run it on an otherwise idle machine.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from common import data, load_module  # noqa: E402
+from common.runtime import measure_cpu_peak_flops  # noqa: E402
+from common.tokenizer import BPETokenizer  # noqa: E402
+
+
+def bench_tokenizer():
+    text = data.load_corpus("pydocs")[:1_000_000]
+    print(f"\n== tokenizer: {len(text.encode()) / 1e6:.2f} MB of pydocs, vocab 1024 ==")
+    start = time.perf_counter()
+    tokenizer = BPETokenizer.train(text, 1024, special_tokens=("<|endoftext|>",))
+    ours = time.perf_counter() - start
+    merges = 1024 - 256 - 1
+    print(f"ours (incremental pair counts + heap): {ours:.2f} s for {merges} merges "
+          f"({1000 * ours / merges:.2f} ms per merge, including pre-tokenization)")
+    naive_merges = 3
+    start = time.perf_counter()
+    BPETokenizer.train_reference(text, 256 + naive_merges + 1, special_tokens=("<|endoftext|>",))
+    naive = (time.perf_counter() - start) / naive_merges
+    print(f"naive (re-count every pair after every merge): {naive:.2f} s per merge, timed on the first "
+          f"{naive_merges} -> ~{naive * merges / 60:.0f} min for {merges} merges ({naive * merges / ours:.0f}x slower)")
+
+    start = time.perf_counter()
+    ids = tokenizer.encode(text)
+    fast = time.perf_counter() - start
+    documents = text.split("\n\n")
+    start = time.perf_counter()
+    tokenizer.encode_batch(documents, allowed_special="all")
+    batch = time.perf_counter() - start
+    piece = text[:100_000]
+    start = time.perf_counter()
+    tokenizer.encode_reference(piece)
+    reference = (time.perf_counter() - start) * len(text) / len(piece)
+    print(f"encode 1 MB: tiktoken path {fast * 1000:.0f} ms ({len(text) / fast / 1e6:.1f} MB/s), "
+          f"encode_batch {batch * 1000:.0f} ms, reference {reference:.1f} s (extrapolated from 100 kB); "
+          f"{len(ids):,} tokens, {len(text.encode()) / len(ids):.2f} bytes/token")
+
+
+def time_steps(step_functions, iters, warmup=3):
+    """Run each step function `warmup` times, then `iters` rounds alternating between them; return the
+    median seconds per step of each (alternating spreads any drift in machine load evenly)."""
+    for step in step_functions.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in step_functions}
+    for _ in range(iters):
+        for name, step in step_functions.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def make_train_step(model, forward, optimizer=None):
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        loss = forward()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_gpt(nanogpt_path, iters):
+    B, T, V = 16, 256, 1024
+    gpt = load_module(REPO_ROOT / "05_gpt" / "model.py")
+    torch.manual_seed(0)
+    ours = gpt.GPT(gpt.GPTConfig(block_size=T, vocab_size=V, n_layer=4, n_head=4, n_embd=256, dropout=0.0))
+    x = torch.randint(0, V, (B, T))
+    y = torch.randint(0, V, (B, T))
+    # Each model trains with its own configure_optimizers, as its train.py does: a whole training step.
+    steps = {"llm-from-scratch 05_gpt": make_train_step(
+        ours, lambda: ours(x, y)[1], ours.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu"))}
+    if nanogpt_path:
+        nano = load_module(Path(nanogpt_path) / "model.py", name="peer_nanogpt_model")
+        torch.manual_seed(0)
+        theirs = nano.GPT(nano.GPTConfig(block_size=T, vocab_size=V, n_layer=4, n_head=4, n_embd=256,
+                                         dropout=0.0, bias=True))
+        steps["nanoGPT (same config)"] = make_train_step(
+            theirs, lambda: theirs(x, y)[1], theirs.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu"))
+    peak = measure_cpu_peak_flops()
+    flops_per_token = ours.num_flops_per_token()
+    print(f"\n== GPT training: 4 layers, 4 heads, 256 wide, context {T}, batch {B}, vocab {V}, float32, eager, "
+          f"{torch.get_num_threads()} threads ==")
+    print(f"{ours.num_parameters() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs per token; "
+          f"measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+    for name, seconds in time_steps(steps, iters).items():
+        tokens_per_second = B * T / seconds
+        print(f"{name:<26} {seconds * 1000:7.1f} ms/step  {tokens_per_second:8,.0f} tok/s  "
+              f"MFU {100 * flops_per_token * tokens_per_second / peak:.1f}%")
+
+
+def bench_generate():
+    gpt = load_module(REPO_ROOT / "05_gpt" / "model.py")
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(block_size=512, vocab_size=1024, n_layer=4, n_head=4, n_embd=256)).eval()
+    prompt = torch.randint(0, 1024, (1, 16))
+    print("\n== generation: 256 new tokens after a 16-token prompt, greedy, batch 1 ==")
+    results = {}
+    for use_cache in (True, False):
+        start = time.perf_counter()
+        results[use_cache] = model.generate(prompt, 256, temperature=0, use_cache=use_cache)
+        seconds = time.perf_counter() - start
+        print(f"{'KV cache' if use_cache else 'no cache':<9} {seconds:6.2f} s  {256 / seconds:7.1f} tok/s")
+        results[f"t{use_cache}"] = seconds
+    assert torch.equal(results[True], results[False]), "cached and uncached outputs differ"
+    print(f"the cache is {results['tFalse'] / results['tTrue']:.1f}x faster, with identical tokens")
+
+
+def bench_chapters(iters):
+    """Training tokens/s of each chapter's model at a small fixed config (what exists in this checkout)."""
+    print("\n== chapters: training tokens/s at a small fixed config (batch 16, context 128, float32) ==")
+    B, T, V = 16, 128, 1024
+    torch.manual_seed(0)
+    x = torch.randint(4, V, (B, T))
+    rows = []
+    gpt = load_module(REPO_ROOT / "05_gpt" / "model.py")
+    model = gpt.GPT(gpt.GPTConfig(block_size=T, vocab_size=V, n_layer=4, n_head=4, n_embd=256))
+    rows.append(("05_gpt GPT", model, lambda m=model: m(x, x)[1]))
+    for name, step_seconds in time_steps({name: make_train_step(m, f) for name, m, f in rows}, iters).items():
+        print(f"{name:<26} {B * T / step_seconds:8,.0f} tok/s")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nanogpt", default="", help="path to a nanoGPT checkout, timed side by side")
+    parser.add_argument("--only", nargs="*", default=["tokenizer", "gpt", "generate", "chapters"])
+    parser.add_argument("--iters", type=int, default=10, help="timed steps per model")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if "tokenizer" in args.only:
+        bench_tokenizer()
+    if "gpt" in args.only:
+        bench_gpt(args.nanogpt, args.iters)
+    if "generate" in args.only:
+        bench_generate()
+    if "chapters" in args.only:
+        bench_chapters(args.iters)
+
+
+if __name__ == "__main__":
+    main()
