@@ -227,3 +227,23 @@ def test_two_process_ddp_on_cpu(cache, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["world_size"] == 2
     assert report["pretrain"]["val_loss"] < math.log(300)
+
+
+def test_init_from_a_hugging_face_folder_finetunes_it(train, cache, tmp_path):
+    """--init_from loads GPT-2-format weights and vocabulary (here a tiny hand-made pair) and finetunes."""
+    from test_common_tokenizer import write_gpt2_format
+    from test_gpt_model import write_gpt2_folder
+    folder = tmp_path / "gpt2-tiny"
+    folder.mkdir()
+    vocab = write_gpt2_format(folder)                       # 256 bytes + 4 merges + <|endoftext|>
+    torch.manual_seed(0)
+    source = train.GPT(train.GPTConfig(block_size=64, vocab_size=len(vocab), n_layer=1, n_head=2, n_embd=16))
+    write_gpt2_folder(source, folder)
+    report = train.main(["--preset", "tiny", "--init_from", str(folder), "--stage", "finetune", "--device", "cpu",
+                         "--out_dir", str(tmp_path / "out"), "--scratch", "false"])
+    assert "pretrain" not in report
+    for task in ("python-qa", "docstring-module"):
+        assert report["finetune"][task]["pretrained"] is not None
+    with pytest.raises(SystemExit):
+        train.run_main(train.main, ["--preset", "tiny", "--init_from", str(tmp_path / "missing"),
+                                    "--out_dir", str(tmp_path / "out")])
