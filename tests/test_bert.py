@@ -256,3 +256,183 @@ def test_matches_transformers_bert_for_pretraining(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).prediction_logits,
                                    ours(ids, attention_mask=mask)[0], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- pretraining data
+
+train = load_module("04_bert/train.py")
+CLS, SEP, MASK, PAD = 1001, 1002, 1003, 1000
+SPECIALS = {"[PAD]": PAD, "[CLS]": CLS, "[SEP]": SEP, "[MASK]": MASK}
+
+
+def test_masking_follows_80_10_10_with_a_cap_and_never_touches_special_tokens():
+    import random
+    rng = random.Random(0)
+    counts = {"mask": 0, "same": 0, "random": 0}
+    for draw in range(3000):
+        tokens = [CLS] + [rng.randrange(1000) for _ in range(100)] + [SEP] + [rng.randrange(1000) for _ in range(50)] + [SEP]
+        masked, positions, labels = train.mask_tokens(tokens, rng, 0.15, 20, MASK, {CLS, SEP, PAD, MASK}, 1000)
+        assert len(positions) == 20                     # round(153 * 0.15) = 23, capped at 20
+        assert positions == sorted(set(positions))
+        assert all(tokens[p] not in (CLS, SEP) for p in positions)
+        assert [masked[i] for i in (0, 101, 152)] == [CLS, SEP, SEP]
+        assert labels == [tokens[p] for p in positions]
+        assert all(masked[i] == tokens[i] for i in range(len(tokens)) if i not in positions)
+        for p in positions:
+            kind = "mask" if masked[p] == MASK else "same" if masked[p] == tokens[p] else "random"
+            counts[kind] += 1
+            assert masked[p] < 1000 or masked[p] == MASK   # a random replacement is an ordinary token
+    total = sum(counts.values())
+    # 60000 draws: the standard error of each fraction is below 0.002; a random token equals the
+    # original 1 time in 1000, which moves 0.01% from "random" to "same"
+    assert abs(counts["mask"] / total - 0.8) < 0.01
+    assert abs(counts["same"] / total - 0.1) < 0.01
+    assert abs(counts["random"] / total - 0.1) < 0.01
+    # below the cap the count is max(1, round(len * 0.15))
+    short = [CLS, 5, 6, 7, SEP]
+    assert len(train.mask_tokens(short, rng, 0.15, 20, MASK, {CLS, SEP, PAD, MASK}, 1000)[1]) == 1
+    middle = [CLS] + list(range(38)) + [SEP]
+    assert len(train.mask_tokens(middle, rng, 0.15, 20, MASK, {CLS, SEP, PAD, MASK}, 1000)[1]) == 6
+
+
+def toy_documents(num_docs=30, seed=0):
+    """Documents whose token ids say where they come from: doc * 1000 + sentence * 10 + k (k < 10)."""
+    import random
+    rng = random.Random(seed)
+    return [[[d * 1000 + s * 10 + k for k in range(rng.randint(2, 9))] for s in range(rng.randint(1, 8))]
+            for d in range(num_docs)]
+
+
+def test_nsp_pairs_are_true_continuations_or_another_documents_text():
+    import random
+    documents = toy_documents()
+    flat = [[t for sentence in doc for t in sentence] for doc in documents]
+    is_random = []
+    covered = set()
+    for trial in range(40):
+        rng = random.Random(trial)
+        for index in range(len(documents)):
+            for a, b, random_next in train.sentence_pairs(documents, index, rng, 1000, 0.1):
+                assert a and b
+                assert {t // 1000 for t in a} == {index}
+                covered.update(a)
+                if random_next:
+                    other = {t // 1000 for t in b}
+                    assert len(other) == 1 and other != {index}          # all of B from one other document
+                    doc = flat[other.pop()]
+                    start = doc.index(b[0])
+                    assert doc[start:start + len(b)] == b                # a contiguous span of it
+                else:
+                    covered.update(b)
+                    doc = flat[index]
+                    start = doc.index(a[0])
+                    assert doc[start:start + len(a) + len(b)] == a + b   # B continues A exactly
+                is_random.append(random_next)
+    assert abs(sum(is_random) / len(is_random) - 0.5) < 0.03
+    assert covered == {t for doc in flat for t in doc}                   # no sentence is ever skipped
+
+
+def test_pairs_are_truncated_to_the_max_length_and_instances_have_bert_layout():
+    import random
+    documents = toy_documents(num_docs=10, seed=1)
+    rng = random.Random(0)
+    for index in range(len(documents)):
+        for a, b, _ in train.sentence_pairs(documents, index, rng, 12, 0.0):
+            assert len(a) + len(b) <= 12 and a and b
+    cfg = train.Config(seq_len=16, max_predictions=3)
+    for tokens, segments, positions, labels, random_next in train.make_instances(documents, rng, cfg, SPECIALS):
+        assert len(tokens) == len(segments) <= 16 and tokens[0] == CLS and tokens[-1] == SEP
+        first_sep = segments.index(1) - 1 if 1 in segments else None
+        assert segments == [0] * (first_sep + 1) + [1] * (len(tokens) - first_sep - 1)
+        assert len(positions) <= 3 and 0 not in positions and random_next in (0, 1)
+    batch = train.collate(train.make_instances(documents, random.Random(2), cfg, SPECIALS)[:4], PAD, 16, 3)
+    assert batch["input_ids"].shape == (4, 16) and batch["masked_positions"].shape == (4, 3)
+    assert ((batch["input_ids"] == PAD) == (batch["attention_mask"] == 0)).all()
+
+
+def test_pretraining_stream_resumes_where_it_stopped():
+    """The batch stream is a function of the seed: skipping k batches gives batch k of a fresh stream,
+    across the boundary between passes too (so --resume trains on the data it would have seen)."""
+    documents = toy_documents(num_docs=12, seed=2)
+    cfg = train.Config(seq_len=24, max_predictions=3, seed=5)
+    fresh = train.pretraining_batches(documents, cfg, SPECIALS, PAD, batch_size=8)
+    batches = [next(fresh) for _ in range(12)]
+    resumed = train.pretraining_batches(documents, cfg, SPECIALS, PAD, batch_size=8, start_iter=9)
+    for expected in batches[9:]:
+        got = next(resumed)
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_train_helpers_doctests():
+    import doctest
+    assert doctest.testmod(train, verbose=False).failed == 0
+
+
+# ----------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny run of train.py on a small corpus (the last 300 pydocs documents, as one text file)."""
+    from common import data
+    folder = tmp_path_factory.mktemp("bert")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n\n".join(data.corpus_documents("pydocs")[-300:]))
+    out_dir = folder / "out"
+    command = [sys.executable, str(REPO_ROOT / "04_bert/train.py"), "--preset", "tiny", "--data", str(corpus),
+               "--out_dir", str(out_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return command, out_dir, result.stdout
+
+
+def test_tiny_run_reports_pretraining_and_three_finetuning_modes(tiny_run):
+    _, out_dir, stdout = tiny_run
+    report = json.loads((out_dir / "report.json").read_text())
+    pre = report["pretrain"]
+    for key in ("val_loss", "mlm_accuracy", "nsp_accuracy", "tokens_per_second", "seconds"):
+        assert isinstance(pre[key], float)
+    assert 0 <= pre["mlm_accuracy"] <= 1 and 0 <= pre["nsp_accuracy"] <= 1
+    history = pre["history"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]           # the loss went down
+    assert pre["last_train_loss"] < pre["first_train_loss"]
+    assert set(report["finetune"]) == {"full", "probe", "prompt"}
+    for row in report["finetune"].values():
+        assert row["metric"] == "accuracy"
+        for key in ("pretrained", "scratch", "baseline", "pretrained_f1", "scratch_f1", "seconds"):
+            assert 0 <= row[key] <= (1 if key != "seconds" else 1e4)
+    assert "tok/s" in stdout and "ETA" in stdout and "MLM accuracy" in stdout and "04_bert report" in stdout
+
+
+def test_tiny_run_checkpoint_and_export_load(tiny_run):
+    from common.checkpoint import load_checkpoint
+    _, out_dir, _ = tiny_run
+    ckpt = load_checkpoint(out_dir / "ckpt.pt")
+    assert ckpt["iter"] == train.PRESETS["tiny"]["pretrain_iters"]
+    exported = bert.BertForPretraining.from_pretrained(out_dir / "pretrained").eval()
+    model = bert.BertForPretraining(exported.config)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    ids = torch.randint(0, exported.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], exported(ids)[0])   # the export is the checkpoint's model
+
+
+def test_tiny_run_resumes_and_refuses_bad_input(tiny_run, tmp_path):
+    command, out_dir, _ = tiny_run
+    more = train.PRESETS["tiny"]["pretrain_iters"] + 10
+    result = subprocess.run(command + ["--stage", "pretrain", "--resume", "--pretrain_iters", str(more)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {out_dir / 'ckpt.pt'} at iter {more - 10}" in result.stdout
+    assert f"pretrain iter {more - 9}/{more}" in result.stdout.replace("iter  ", "iter ")   # no restart at 1
+    from common.checkpoint import load_checkpoint
+    assert load_checkpoint(out_dir / "ckpt.pt")["iter"] == more
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "ckpt.pt").write_bytes(b"not a checkpoint")
+    for extra in (["--data", str(tmp_path / "missing.txt")], ["--out_dir", str(broken), "--resume"]):
+        bad = subprocess.run(command + extra, capture_output=True, text=True, timeout=120)
+        assert bad.returncode != 0
+        assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert bad.stderr.startswith("error:")
