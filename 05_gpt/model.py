@@ -42,6 +42,12 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
+def is_compiling():
+    """True while torch.compile traces the model (torch.compiler.is_compiling is torch 2.3+)."""
+    check = getattr(torch.compiler, "is_compiling", None) or getattr(torch._dynamo, "is_compiling", None)
+    return bool(check and check())
+
+
 class KVCache:
     """Keys and values of every layer for the tokens processed so far.
 
@@ -241,7 +247,7 @@ class GPT(nn.Module):
         if T_past + T > self.config.block_size:
             raise ValueError(f"sequence of {T_past + T} tokens ({T_past} cached + {T} new) exceeds "
                              f"block_size {self.config.block_size}")
-        if not torch.compiler.is_compiling():  # one min/max (a single device sync), not under compile
+        if not is_compiling():  # one min/max (a single device sync), not under compile
             for token_id in torch.stack(torch.aminmax(idx)).tolist():
                 if not 0 <= token_id < self.config.vocab_size:
                     raise ValueError(f"token id {token_id} is outside the vocabulary "

@@ -64,7 +64,11 @@ class Runtime:
 
     def __post_init__(self):
         # A GradScaler only does something for float16; for bf16/float32 it is a transparent no-op.
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
+        enabled = self.dtype == torch.float16
+        if hasattr(torch.amp, "GradScaler"):
+            self.scaler = torch.amp.GradScaler(self.device_type, enabled=enabled)
+        else:  # torch < 2.3 has the CUDA one only, which is all float16 training needs there
+            self.scaler = torch.cuda.amp.GradScaler(enabled=enabled)
 
     @property
     def device_type(self):
