@@ -1,0 +1,552 @@
+"""Pretrain an encoder-decoder Transformer as a denoising autoencoder, then finetune it on a seq2seq task.
+
+    python 03_transformer/train.py                       # default: pydocs corpus -> docstring-name, CPU
+    python 03_transformer/train.py --preset tiny         # seconds, for a smoke test
+    python 03_transformer/train.py --preset base --device cuda   # the paper's base model, on a GPU
+
+The recipe, top to bottom:
+  config -> flags -> setup -> tokenizer -> data -> model -> optimizer and schedule
+  -> pretraining: reconstruct clean text x from a corrupted x~ (masked, span-deleted, locally shuffled)
+  -> finetuning on the task twice with the same budget: from the pretrained weights and from scratch
+  -> evaluation on the test split (exact match, character F1, corpus BLEU; greedy and beam search)
+  -> report table + out/03_transformer/report.json -> a few predictions next to their references.
+"""
+
+import copy
+import math
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `common` imports from any cwd
+
+import torch  # noqa: E402
+
+from common import data, load_module  # noqa: E402
+from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
+from common.config import UserError, parse_config, run_main  # noqa: E402
+from common.report import Progress, format_table, print_report, write_report  # noqa: E402
+from common.runtime import setup  # noqa: E402
+from common.tokenizer import BPETokenizer  # noqa: E402
+
+model_lib = load_module(Path(__file__).resolve().parent / "model.py")
+Transformer, TransformerConfig = model_lib.Transformer, model_lib.TransformerConfig
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<pad>", "<s>", "</s>", "<mask>")   # document break, PAD, BOS, EOS, MASK
+
+
+@dataclass
+class Config:
+    # data
+    data: str = "pydocs"              # pretraining corpus: "pydocs", "shakespeare", a .txt file or a folder of them
+    task: str = "docstring-name"      # finetuning task: docstring-name, docstring-summary, or a .jsonl/.csv with input,target
+    vocab_size: int = 2048            # BPE vocabulary shared by source and target (bytes + merges + 5 special tokens)
+    out_dir: str = "out/03_transformer"  # tokenizer, checkpoints and report.json go here
+    # model (the paper's base model is d_model 512, 8 heads, 6 + 6 layers, d_ff 2048: --preset base)
+    d_model: int = 128                # width of the residual stream
+    n_head: int = 4                   # attention heads per attention sublayer
+    n_encoder_layers: int = 2         # encoder layers
+    n_decoder_layers: int = 2         # decoder layers
+    d_ff: int = 512                   # inner width of the position-wise FFN
+    dropout: float = 0.0              # P_drop in pretraining (sublayer outputs, embeddings, attention, FFN): fresh windows barely overfit
+    finetune_dropout: float = 0.1     # P_drop in finetuning, where a few thousand examples are seen many times (the paper: 0.1)
+    norm_first: bool = False          # pre-LN instead of the paper's post-LN
+    # denoising pretraining
+    block_size: int = 32              # tokens of clean text per pretraining example
+    mask_rate: float = 0.15           # noise: fraction of tokens replaced by <mask>
+    delete_rate: float = 0.1          # noise: fraction of tokens deleted, in spans of 1..max_span tokens
+    max_span: int = 3                 # noise: longest deleted span
+    shuffle_distance: int = 3         # noise: local shuffle, a token moves at most this far (0 = off)
+    pretrain_iters: int = 600         # optimizer steps of pretraining
+    batch_size: int = 64              # pretraining examples per step
+    lr: float = 5e-3                  # peak learning rate of pretraining
+    warmup_iters: int = 50            # linear warmup steps (pretraining)
+    schedule: str = "cosine"          # after warmup: "cosine" (to min_lr_ratio * lr) or "inverse_sqrt" (the paper)
+    min_lr_ratio: float = 0.1         # cosine floor, as a fraction of the peak
+    weight_decay: float = 0.01        # AdamW decay on weight matrices (not on biases, norms, embeddings)
+    grad_clip: float = 1.0            # clip the global gradient norm to this (0 = off)
+    label_smoothing: float = 0.1      # eps of the label-smoothed cross-entropy (the paper: 0.1)
+    eval_interval: int = 100          # evaluate (and checkpoint) every this many steps
+    eval_batches: int = 8             # validation batches per pretraining evaluation
+    # finetuning
+    finetune_iters: int = 300         # optimizer steps of finetuning, the same for pretrained and scratch
+    finetune_batch_size: int = 32     # finetuning examples per step
+    finetune_lr: float = 1e-3         # peak learning rate of finetuning
+    finetune_warmup_iters: int = 30   # linear warmup steps (finetuning)
+    finetune_eval_interval: int = 50  # validation loss every this many steps; the best weights are kept
+    max_source_len: int = 64          # task inputs are cut to this many tokens
+    max_target_len: int = 16          # task targets are cut to this many tokens (EOS excluded)
+    # evaluation and decoding
+    num_beams: int = 4                # beam size of beam search
+    length_penalty: float = 0.6       # alpha of lp(Y) = ((5 + |Y|) / 6)^alpha (the paper: 0.6)
+    bleu_unit: str = "char"           # BLEU over "char"acters (identifiers) or whitespace-separated "word"s
+    max_eval_examples: int = 0        # evaluate on at most this many test examples (0 = all)
+    num_samples: int = 6              # test predictions to show next to their references
+    # run
+    stage: str = "all"                # all | pretrain | finetune (finetune reads out_dir/pretrain.pt)
+    device: str = "auto"              # auto | cpu | cuda | mps
+    dtype: str = "auto"               # autocast dtype: auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    compile: bool = False             # torch.compile the model
+    seed: int = 1337                  # same seed, same run
+    resume: bool = False              # continue from the checkpoints in out_dir
+    log_interval: int = 50            # progress line every this many steps
+
+
+PRESETS = {
+    "tiny": dict(vocab_size=300, d_model=32, n_head=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=64,
+                 block_size=24, pretrain_iters=30, batch_size=8, warmup_iters=5, eval_interval=10,
+                 eval_batches=2, finetune_iters=20, finetune_batch_size=8, finetune_warmup_iters=4,
+                 finetune_eval_interval=10, max_source_len=32, max_target_len=8, num_beams=2,
+                 max_eval_examples=16, num_samples=2, log_interval=10, lr=3e-3, finetune_lr=3e-3),
+    "default": {},
+    "base": dict(dropout=0.1, d_model=512, n_head=8, n_encoder_layers=6, n_decoder_layers=6, d_ff=2048, vocab_size=8192,
+                 block_size=128, batch_size=64, pretrain_iters=5000, lr=7e-4, warmup_iters=1000,
+                 finetune_iters=1500, finetune_batch_size=64, finetune_lr=3e-4, finetune_warmup_iters=150,
+                 eval_interval=500, finetune_eval_interval=250, max_source_len=256, log_interval=100),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the pieces the recipe uses
+
+
+def corrupt(x, cfg, mask_id, generator):
+    """The noise of the denoising autoencoder: x (B, T) clean ids -> list of B corrupted id lists x~.
+
+    1. span deletion: a span of 1..max_span tokens starts at each position with probability
+       delete_rate / mean_span, so that about delete_rate of the tokens disappear;
+    2. token masking: each remaining token becomes <mask> with probability mask_rate;
+    3. local shuffle (Lample et al., 2018): sort positions by i + U(0, k + 1), so no token moves
+       more than k = shuffle_distance places.
+    The model must undo all three: L_DAE = -log p(x | x~). For example, with M = <mask>:
+
+        x  = [10, 11, 12, 13, 14, 15, 16, 17]
+        x~ = [10, 12, M, 11, 16, M, 17]          (13 14 deleted; 15, then 11, masked; 11 and 12 swapped)
+    """
+    B, T = x.shape
+    mean_span = (1 + cfg.max_span) / 2
+    starts = torch.rand(B, T, generator=generator) < cfg.delete_rate / mean_span
+    span = torch.randint(1, cfg.max_span + 1, (B, T), generator=generator)
+    deleted = torch.zeros(B, T, dtype=torch.bool)
+    for offset in range(cfg.max_span):                  # position i + offset falls in a span started at i
+        deleted[:, offset:] |= (starts & (span > offset))[:, : T - offset]
+    deleted[deleted.all(dim=1), 0] = False              # never delete a whole example
+    masked = torch.rand(B, T, generator=generator) < cfg.mask_rate
+    noisy = x.masked_fill(masked, mask_id)
+    keys = torch.arange(T) + torch.rand(B, T, generator=generator) * (cfg.shuffle_distance + 1)
+    keys = keys.masked_fill(deleted, float("inf"))      # deleted tokens sort to the end, then are cut
+    noisy = noisy.gather(1, keys.argsort(dim=1))
+    kept = (~deleted).sum(dim=1).tolist()
+    return [row[:n] for row, n in zip(noisy.tolist(), kept)]
+
+
+def get_lr(it, peak, warmup, total, schedule, min_ratio):
+    """Learning rate at step `it` (0-based): linear warmup to `peak`, then
+
+        cosine:        peak * (r + (1 - r) * (1 + cos(pi * progress)) / 2),  progress 0 -> 1 over the rest
+        inverse_sqrt:  peak * sqrt(warmup / step)   (the paper: d_model^-0.5 * min(step^-0.5, step * warmup^-1.5),
+                                                     here rescaled so that its maximum is `peak`)
+
+    The default is cosine: our budgets are fixed and short, and cosine spends the last steps at a small
+    learning rate (annealing), where the inverse square root is meant for open-ended training and would
+    still be at peak / 2.6 after 7 x warmup steps.
+    """
+    step = it + 1
+    if step <= warmup:
+        return peak * step / warmup
+    if schedule == "inverse_sqrt":
+        return peak * math.sqrt(warmup / step)
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def flops_per_token(model, source_share):
+    """Training FLOPs per token (forward + backward = 6 per parameter a token passes through).
+
+    A source token passes through the encoder layers, a target token through the decoder layers and the
+    output projection (d_model x V); `source_share` is the fraction of the tokens that are source tokens.
+    Attention's T^2 terms are left out, as in the usual 6N estimate.
+    """
+    encoder = sum(p.numel() for p in model.encoder_layers.parameters())
+    decoder = sum(p.numel() for p in model.decoder_layers.parameters()) + model.embed.weight.numel()
+    return 6 * (source_share * encoder + (1 - source_share) * decoder)
+
+
+def configure_optimizer(model, lr, weight_decay):
+    """AdamW with the paper's betas (0.9, 0.98) and eps 1e-9; decay only the matrices of the layers."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("embed")]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-9)
+
+
+# ---- metrics: written here, tested on hand-checked cases in tests/test_transformer.py
+
+
+def exact_match(predictions, references):
+    """Fraction of predictions equal to their reference (surrounding whitespace ignored)."""
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(1, len(references))
+
+
+def char_f1(prediction, reference):
+    """F1 of the multisets of characters (SQuAD's token F1, over characters): partial credit for names.
+
+    >>> round(char_f1("read_file", "readfile"), 4)      # 8 common chars: P = 8/9, R = 8/8
+    0.9412
+    """
+    if not prediction or not reference:
+        return float(prediction == reference)
+    common = sum((Counter(prediction) & Counter(reference)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(prediction), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def ngrams(tokens, n):
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def corpus_bleu(hypotheses, references, max_n=4, unit="word"):
+    """Corpus BLEU (Papineni et al., 2002) with one reference per hypothesis, no smoothing.
+
+        p_n  = sum over the corpus of clipped n-gram matches / sum of hypothesis n-grams
+        BP   = 1 if c > r else exp(1 - r / c)     (c, r: total hypothesis and reference lengths)
+        BLEU = BP * exp(sum_{n=1..N} (1/N) log p_n)
+
+    Clipping: an n-gram counts at most as often as it occurs in the reference ("the the the" gets
+    no credit for a third "the"). unit: "word" splits on whitespace, "char" treats each character as
+    a token (our identifiers are one "word" each, so character n-grams give the partial credit).
+    """
+    split = list if unit == "char" else str.split
+    matches, totals = [0] * max_n, [0] * max_n
+    hyp_len = ref_len = 0
+    for hypothesis, reference in zip(hypotheses, references):
+        hyp, ref = split(hypothesis), split(reference)
+        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
+        for n in range(1, max_n + 1):
+            hyp_ngrams, ref_ngrams = ngrams(hyp, n), ngrams(ref, n)
+            matches[n - 1] += sum((hyp_ngrams & ref_ngrams).values())
+            totals[n - 1] += sum(hyp_ngrams.values())
+    if hyp_len == 0 or min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
+    brevity_penalty = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return brevity_penalty * math.exp(log_precision)
+
+
+# ---- the loop both stages share
+
+
+class StopRequested:
+    """Ctrl-C sets a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:                              # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def train_stage(name, model, get_batch, evaluate, total_iters, peak_lr, warmup_iters, ckpt_path, cfg, rt,
+                tokens_per_iter, eval_interval, extra_state, source_share=0.5):
+    """AdamW + warmup/schedule + clipping + AMP, with periodic evaluation and atomic checkpoints.
+
+    get_batch(it) -> dict of model inputs (a pure function of `it`, so a resumed run sees the batches
+    an uninterrupted one would). evaluate(model) -> validation loss. Returns (best validation loss,
+    best weights, seconds). A checkpoint at `ckpt_path` holds everything needed to continue.
+    """
+    optimizer = configure_optimizer(model, peak_lr, cfg.weight_decay)
+    start_iter, best_loss, best_state, seconds = 0, math.inf, None, 0.0
+    if cfg.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("stage") != name or ckpt.get("model_config") != asdict(model.config):
+            raise UserError(f"{ckpt_path} was written for another stage or model config; "
+                            f"use another --out_dir or drop --resume")
+        load_model_state(model, ckpt["model"], ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        start_iter, best_loss, best_state, seconds = ckpt["iter"], ckpt["best_loss"], ckpt["best_model"], ckpt["seconds"]
+        rt.log(f"{name}: resuming from {ckpt_path} at step {start_iter}/{total_iters}")
+
+    def save(it):
+        save_checkpoint(ckpt_path, {
+            "stage": name, "iter": it, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": torch.get_rng_state(), "best_loss": best_loss, "best_model": best_state,
+            "seconds": seconds + time.perf_counter() - started, "model_config": asdict(model.config),
+            "config": asdict(cfg), **extra_state})
+
+    progress = Progress(total_iters, tokens_per_iter, log=rt.log, log_interval=cfg.log_interval,
+                        flops_per_token=flops_per_token(model, source_share), device=rt.device, dtype=rt.dtype,
+                        start_iter=start_iter, name=name)
+    started = time.perf_counter()
+    model.train()
+    with StopRequested() as stop:
+        for it in range(start_iter, total_iters):
+            lr = get_lr(it, peak_lr, warmup_iters, total_iters, cfg.schedule, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = {k: v.to(rt.device) for k, v in get_batch(it).items()}
+            with rt.autocast():
+                _, loss = model(**batch, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            rt.scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                rt.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            if not math.isfinite(loss.item()):
+                raise UserError(f"{name}: the loss became {loss.item()} at step {it + 1}; "
+                                f"try a lower --lr or more --warmup_iters")
+            progress.step(it, loss=loss.detach(), lr=lr)
+            if (it + 1) % eval_interval == 0 or it + 1 == total_iters:
+                val_loss = evaluate(model)
+                model.train()
+                improved = val_loss < best_loss
+                if improved:
+                    best_loss, best_state = val_loss, copy.deepcopy(model.state_dict())
+                rt.log(f"{name} step {it + 1}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
+                save(it + 1)
+            if stop.requested:
+                save(it + 1)
+                rt.log(f"interrupted: saved {ckpt_path} at step {it + 1}; run again with --resume to continue")
+                sys.exit(130)
+    return best_loss, best_state, seconds + time.perf_counter() - started
+
+
+@torch.no_grad()
+def decode_all(model, sources, tokenizer, cfg, rt, num_beams):
+    """Decode every source (batched, shortest first) -> list of strings in the original order."""
+    model.eval()
+    bos, eos, pad = (tokenizer.token_to_id(t) for t in ("<s>", "</s>", "<pad>"))
+    predictions = [None] * len(sources)
+    for indices in data.batch_indices([len(s) for s in sources], 64, shuffle=False, bucket=True):
+        batch = data.pad_batch([sources[i] for i in indices], pad)
+        with rt.autocast():
+            outputs = model.generate(batch["input_ids"].to(rt.device), batch["attention_mask"].to(rt.device),
+                                     bos_id=bos, eos_id=eos, max_new_tokens=cfg.max_target_len + 1,
+                                     num_beams=num_beams, length_penalty=cfg.length_penalty)
+        for i, ids in zip(indices, outputs):
+            predictions[i] = tokenizer.decode(ids)
+    return predictions
+
+
+# ----------------------------------------------------------------------------------------------------
+# the recipe
+
+
+def main(argv=None):
+    cfg = parse_config(Config, presets=PRESETS, argv=argv, description=__doc__.split("\n")[0])
+    if cfg.stage not in ("all", "pretrain", "finetune"):
+        raise UserError(f"unknown --stage {cfg.stage!r} (valid: all, pretrain, finetune)")
+    if cfg.schedule not in ("cosine", "inverse_sqrt"):
+        raise UserError(f"unknown --schedule {cfg.schedule!r} (valid: cosine, inverse_sqrt)")
+    if cfg.bleu_unit not in ("char", "word"):
+        raise UserError(f"unknown --bleu_unit {cfg.bleu_unit!r} (valid: char, word)")
+    if cfg.d_model % cfg.n_head:
+        raise UserError(f"--d_model {cfg.d_model} is not divisible by --n_head {cfg.n_head}")
+    run_started = time.perf_counter()
+    rt = setup(cfg.device, cfg.dtype, cfg.compile, cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rt.log(f"device {rt.device} | autocast {str(rt.dtype).replace('torch.', '')} | "
+           f"{torch.get_num_threads()} CPU threads | out_dir {out_dir}")
+
+    # ---- tokenizer: one byte-level BPE for both sides, trained once on the corpus and cached
+    documents = data.corpus_documents(cfg.data)
+    tokenizer_path = out_dir / "tokenizer.json"
+    tokenizer = None
+    if tokenizer_path.exists():
+        tokenizer = BPETokenizer.load(tokenizer_path)
+        if tokenizer.vocab_size != cfg.vocab_size or list(tokenizer.special_tokens) != list(SPECIAL_TOKENS):
+            tokenizer = None                            # another vocabulary was asked for: train again
+    if tokenizer is None:
+        t0 = time.perf_counter()
+        tokenizer = BPETokenizer.train("\n\n".join(documents), cfg.vocab_size, special_tokens=SPECIAL_TOKENS)
+        tokenizer.save(tokenizer_path)
+        rt.log(f"tokenizer: trained {cfg.vocab_size} tokens in {time.perf_counter() - t0:.1f}s -> {tokenizer_path}")
+    pad_id, bos_id, eos_id, mask_id = (tokenizer.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<mask>"))
+
+    # ---- data: pretraining token windows, and the task's (source, target) id pairs
+    tokens = data.TokenCache(documents, tokenizer, out_dir / "tokens")
+    rt.log(f"corpus {cfg.data}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens")
+
+    def encode_pairs(split):
+        examples = data.load_task(cfg.task, split)
+        if "input" not in examples[0]:
+            raise UserError(f"--task {cfg.task}: needs input,target examples (a text-to-text task)")
+        if cfg.max_eval_examples and split == "test":
+            examples = examples[: cfg.max_eval_examples]
+        sources = [ids[: cfg.max_source_len] for ids in tokenizer.encode_batch([e["input"] for e in examples])]
+        targets = [ids[: cfg.max_target_len] for ids in tokenizer.encode_batch([e["target"] for e in examples])]
+        return examples, sources, targets
+
+    task = {split: encode_pairs(split) for split in ("train", "val", "test")}
+    rt.log(f"task {cfg.task}: " + " / ".join(f"{len(task[s][0])} {s}" for s in task) + " examples")
+
+    def seq2seq_batch(sources, targets):
+        """Teacher forcing: decoder reads [BOS] y, predicts y [EOS]; -100 labels at padding."""
+        enc = data.pad_batch(sources, pad_id)
+        dec = data.pad_batch([[bos_id] + t for t in targets], pad_id, labels=[t + [eos_id] for t in targets])
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "decoder_input_ids": dec["input_ids"], "decoder_attention_mask": dec["attention_mask"],
+                "labels": dec["labels"]}
+
+    def denoising_batch(split, it, batch_size):
+        """Clean windows x and their corruptions x~, from a generator seeded by the step."""
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+        x, _ = tokens.get_batch(split, batch_size, cfg.block_size, generator=generator)     # (B, T)
+        return seq2seq_batch(corrupt(x, cfg, mask_id, generator), x.tolist())
+
+    # ---- model
+    def new_model(dropout):
+        model_config = TransformerConfig(
+            vocab_size=tokenizer.vocab_size, d_model=cfg.d_model, n_head=cfg.n_head,
+            n_encoder_layers=cfg.n_encoder_layers, n_decoder_layers=cfg.n_decoder_layers, d_ff=cfg.d_ff,
+            dropout=dropout, max_len=max(cfg.block_size, cfg.max_source_len) + 2,
+            norm_first=cfg.norm_first, pad_id=pad_id)
+        return Transformer(model_config).to(rt.device)
+
+    @torch.no_grad()
+    def loss_on(model, batches):
+        """Mean plain cross-entropy (no smoothing) per target token over a list of batches."""
+        model.eval()
+        total, count = 0.0, 0
+        for batch in batches:
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
+            with rt.autocast():
+                _, loss = model(**batch)
+            n = (batch["labels"] != -100).sum().item()
+            total, count = total + loss.item() * n, count + n
+        return total / count
+
+    # ---- pretraining: L_DAE = -log p(x | x~)
+    torch.manual_seed(cfg.seed)
+    model = new_model(cfg.dropout)
+    rt.log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.n_encoder_layers}+{cfg.n_decoder_layers} "
+           f"layers, d_model {cfg.d_model}, {'pre' if cfg.norm_first else 'post'}-LN")
+    pretrain_path = out_dir / "pretrain.pt"
+    val_batches = [denoising_batch("val", -1 - k, cfg.batch_size) for k in range(cfg.eval_batches)]
+    report = {"chapter": "03_transformer", "device": str(rt.device), "params": model.num_parameters()}
+    if cfg.stage in ("all", "pretrain"):
+        _, _, pretrain_seconds = train_stage(
+            "pretrain", model, lambda it: denoising_batch("train", it, cfg.batch_size),
+            lambda m: loss_on(m, val_batches), cfg.pretrain_iters, cfg.lr, cfg.warmup_iters, pretrain_path, cfg, rt,
+            tokens_per_iter=cfg.batch_size * cfg.block_size * 2, eval_interval=cfg.eval_interval,
+            extra_state={"tokenizer": tokenizer.fingerprint})
+    else:
+        ckpt = load_checkpoint(pretrain_path)
+        if ckpt.get("tokenizer") != tokenizer.fingerprint:
+            raise UserError(f"{pretrain_path} was pretrained with another tokenizer than {tokenizer_path}")
+        load_model_state(model, ckpt["model"], pretrain_path)
+        pretrain_seconds = ckpt["seconds"]
+    pretrain_val = loss_on(model, val_batches)
+    report["pretrain"] = {"val_loss": round(pretrain_val, 4), "val_ppl": round(math.exp(pretrain_val), 2),
+                          "iters": cfg.pretrain_iters, "seconds": round(pretrain_seconds, 1),
+                          "tokens_per_second": round(cfg.pretrain_iters * cfg.batch_size * cfg.block_size * 2
+                                                     / max(pretrain_seconds, 1e-9))}
+    rt.log(f"pretraining done: val loss {pretrain_val:.4f} (reconstructing x from x~)")
+    if cfg.stage == "pretrain":
+        print_report(report, "03_transformer pretraining", log=rt.log)
+        write_report(out_dir / "report.json", report)
+        return report
+    pretrained_state = copy.deepcopy(model.state_dict())
+
+    # ---- finetuning: the same budget from the pretrained weights and from a fresh initialisation
+    train_sources, train_targets = task["train"][1], task["train"][2]
+    lengths = [len(s) + len(t) for s, t in zip(train_sources, train_targets)]
+    steps_per_epoch = math.ceil(len(lengths) / cfg.finetune_batch_size)
+    val_task_batches = [seq2seq_batch([task["val"][1][i] for i in b], [task["val"][2][i] for i in b])
+                        for b in data.batch_indices([len(s) for s in task["val"][1]], 64, shuffle=False, bucket=True)]
+
+    def task_batch(it):
+        epoch, k = divmod(it, steps_per_epoch)
+        batches = data.batch_indices(lengths, cfg.finetune_batch_size, shuffle=True, seed=cfg.seed + epoch, bucket=True)
+        return seq2seq_batch([train_sources[i] for i in batches[k]], [train_targets[i] for i in batches[k]])
+
+    finetune, models = {}, {}
+    for variant in ("pretrained", "scratch"):
+        torch.manual_seed(cfg.seed + 1)
+        model = new_model(cfg.finetune_dropout)       # same weights, another dropout rate
+        if variant == "pretrained":
+            model.load_state_dict(pretrained_state)
+        best_loss, best_state, seconds = train_stage(
+            f"finetune-{variant}", model, task_batch, lambda m: loss_on(m, val_task_batches), cfg.finetune_iters,
+            cfg.finetune_lr, cfg.finetune_warmup_iters, out_dir / f"finetune-{variant}.pt", cfg, rt,
+            tokens_per_iter=round(cfg.finetune_batch_size * sum(lengths) / len(lengths)),
+            eval_interval=cfg.finetune_eval_interval, extra_state={"tokenizer": tokenizer.fingerprint},
+            source_share=sum(map(len, train_sources)) / sum(lengths))
+        model.load_state_dict(best_state)                                 # early stopping: the best val weights
+        save_checkpoint(out_dir / f"finetune-{variant}-best.pt",
+                        {"model": best_state, "model_config": asdict(model.config), "val_loss": best_loss,
+                         "tokenizer": tokenizer.fingerprint})
+        models[variant] = model
+        finetune[variant] = {"val_loss": round(best_loss, 4), "seconds": round(seconds, 1)}
+
+    # ---- evaluation on the test split: greedy and beam search, three metrics
+    test_examples, test_sources, _ = task["test"]
+    references = [e["target"] for e in test_examples]
+    predictions = {}
+    for variant, model in models.items():
+        t0 = time.perf_counter()
+        for search, beams in (("greedy", 1), ("beam", cfg.num_beams)):
+            predicted = decode_all(model, test_sources, tokenizer, cfg, rt, beams)
+            predictions[(variant, search)] = predicted
+            finetune[variant][search] = {
+                "exact_match": round(exact_match(predicted, references), 4),
+                "char_f1": round(sum(map(char_f1, predicted, references)) / len(references), 4),
+                "bleu": round(corpus_bleu(predicted, references, unit=cfg.bleu_unit), 4)}
+        finetune[variant]["decode_seconds"] = round(time.perf_counter() - t0, 1)
+
+    most_common = Counter(e["target"] for e in task["train"][0]).most_common(1)[0][0]
+    constant = [most_common] * len(references)          # the floor: the most common train name, every time
+    finetune["baseline"] = {"exact_match": round(exact_match(constant, references), 4),
+                            "char_f1": round(sum(map(char_f1, constant, references)) / len(references), 4),
+                            "bleu": round(corpus_bleu(constant, references, unit=cfg.bleu_unit), 4)}
+    report["finetune"] = {cfg.task: {
+        "metric": "exact_match (beam)",
+        "pretrained": finetune["pretrained"]["beam"]["exact_match"],
+        "scratch": finetune["scratch"]["beam"]["exact_match"],
+        "baseline": finetune["baseline"]["exact_match"],
+        "seconds": round(finetune["pretrained"]["seconds"] + finetune["scratch"]["seconds"], 1),
+        "test_examples": len(references),
+        "details": finetune,
+    }}
+    report["seconds"] = round(time.perf_counter() - run_started, 1)
+    report["samples"] = [{"input": test_examples[i]["input"][:120], "reference": references[i],
+                          **{f"{v} {s}": predictions[(v, s)][i] for v, s in predictions}}
+                         for i in range(min(cfg.num_samples, len(references)))]
+
+    # ---- report
+    print_report(report, "03_transformer: denoising pretraining -> " + cfg.task, log=rt.log)
+    rows = [{"model": v, "search": s, **finetune[v][s]} for v in ("pretrained", "scratch") for s in ("greedy", "beam")]
+    rows.append({"model": f"always {most_common!r}", "search": "-", **finetune["baseline"]})
+    rt.log(format_table(rows, ["model", "search", "exact_match", "char_f1", "bleu"]))
+    rt.log(f"(test split, {len(references)} examples; BLEU-4 over {'characters' if cfg.bleu_unit == 'char' else 'words'}; "
+           f"the last row answers the most common train name every time)")
+    rt.log("\nsamples from the test split:")
+    for sample in report["samples"]:
+        rt.log(f"  input:     {' '.join(sample['input'].split())[:90]!r}")
+        rt.log(f"  reference: {sample['reference']!r}   " + "   ".join(
+            f"{key}: {sample[key]!r}" for key in ("pretrained beam", "scratch beam")))
+    write_report(out_dir / "report.json", report)
+    rt.log(f"wrote {out_dir / 'report.json'} | total {report['seconds']:.0f}s")
+    return report
+
+
+if __name__ == "__main__":
+    run_main(main)
