@@ -73,7 +73,7 @@ class Config:
     # pretraining
     batch_size: int = 16             # sequences per micro-batch (per process under DDP)
     grad_accum: int = 1              # micro-batches per optimizer step
-    max_iters: int = 700             # optimizer steps
+    max_iters: int = 550             # optimizer steps
     lr: float = 2e-3                 # peak learning rate, reached after warmup_iters
     min_lr: float = 2e-4             # floor of the cosine decay
     warmup_iters: int = 50           # linear warmup steps
@@ -81,18 +81,18 @@ class Config:
     beta1: float = 0.9               # AdamW beta1
     beta2: float = 0.95              # AdamW beta2
     grad_clip: float = 1.0           # clip the global gradient norm to this (0 = off)
-    eval_interval: int = 175         # evaluate val loss, print a sample and save a checkpoint this often
+    eval_interval: int = 110         # evaluate val loss, print a sample and save a checkpoint this often
     eval_iters: int = 20             # batches per loss estimate
     log_interval: int = 25           # print a progress line this often
     # finetuning
     tasks: str = "python-qa,docstring-module"  # built-in tasks to finetune on, comma-separated
     task: str = ""                   # your own .jsonl/.csv task instead (text,label | instruction,input,response | input,target)
     num_labels: int = 10             # docstring-module: classify among the most frequent modules
-    ft_iters: int = 300              # finetuning steps per run (pretrained and scratch alike)
+    ft_iters: int = 200              # finetuning steps per run (pretrained and scratch alike)
     ft_batch_size: int = 16          # finetuning batch size
     ft_lr: float = 1e-3              # finetuning peak learning rate
     ft_dropout: float = 0.1          # dropout while finetuning
-    ft_eval_interval: int = 50       # evaluate on val this often; keep the best checkpoint
+    ft_eval_interval: int = 40       # evaluate on val this often; keep the best checkpoint
     patience: int = 3                # stop after this many evaluations without improvement
     lm_aux_weight: float = 0.1       # lambda in L = L_CE + lambda * L_LM for classification
     freeze_layers: int = -1          # classification: freeze embeddings + first N blocks (-1 = train all)
@@ -482,8 +482,9 @@ class Int8Linear(nn.Module):
 
         W ~= s[:, None] * Q,  Q = round(W / s[:, None]) in [-127, 127],  s = max_j |W_ij| / 127
 
-    A quarter of the float32 size. The weights are dequantised inside the matmul (y = x (s Q)^T + b);
-    per-channel scales keep one outlier row from costing every other row its precision.
+    A quarter of the float32 size. The weights are dequantised inside the matmul, the scale applied to
+    the output: y = x (s Q)^T + b = (x Q^T) * s + b. Per-channel scales keep one outlier row from
+    costing every other row its precision.
     """
 
     def __init__(self, linear):
@@ -495,8 +496,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x):
-        weight = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]    # dequantise
-        return F.linear(x, weight, self.bias)
+        y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)       # (..., out)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
 def quantize_int8(model):
@@ -522,15 +523,18 @@ def state_dict_bytes(model):
 
 @torch.no_grad()
 def generation_speed(gpt, rt, new_tokens=64):
-    """Tokens per second of greedy generation with the KV cache, batch 1."""
+    """Tokens per second of greedy generation with the KV cache, batch 1 (the best of 3 runs)."""
     idx = torch.zeros((1, 1), dtype=torch.long, device=rt.device)
     new_tokens = min(new_tokens, gpt.config.block_size - 1)
     gpt.generate(idx, 4, temperature=0)                                      # warm up
-    rt.synchronize()
-    start = time.perf_counter()
-    gpt.generate(idx, new_tokens, temperature=0)
-    rt.synchronize()
-    return new_tokens / (time.perf_counter() - start)
+    best = float("inf")
+    for _ in range(3):
+        rt.synchronize()
+        start = time.perf_counter()
+        gpt.generate(idx, new_tokens, temperature=0)
+        rt.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return new_tokens / best
 
 
 def deployment_report(kind, model, test_items, cfg, rt, pad_id, num_labels):
