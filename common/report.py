@@ -58,6 +58,7 @@ class Progress:
         self.tokens_per_second = None           # over the latest interval
         self.tokens_seen = 0
         self.interval_tokens = 0
+        self.peak = None                        # FLOP/s, looked up at the first line that shows MFU
 
     def step(self, it, loss=None, lr=None, tokens=None, **extra):
         """Record that iteration `it` (0-based) finished, having processed `tokens` tokens (default
@@ -86,11 +87,11 @@ class Progress:
         if self.tokens_per_second:
             parts.append(f"{format_count(self.tokens_per_second)} tok/s")
             if self.flops_per_token and self.device is not None:
-                from common.runtime import estimate_mfu
-                mfu = estimate_mfu(self.flops_per_token, self.tokens_per_second, self.device,
-                                   **({"dtype": self.dtype} if self.dtype is not None else {}))
-                if mfu is not None:
-                    parts.append(f"MFU {100 * mfu:.1f}%")
+                if self.peak is None:
+                    from common.runtime import peak_flops
+                    self.peak = peak_flops(self.device, **({"dtype": self.dtype} if self.dtype is not None else {})) or 0.0
+                if self.peak:
+                    parts.append(f"MFU {100 * self.flops_per_token * self.tokens_per_second / self.peak:.1f}%")
         parts.append(f"ETA {format_seconds(eta)}")
         line = " | ".join(parts)
         self.log(line)

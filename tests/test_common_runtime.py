@@ -62,14 +62,14 @@ def test_compile_falls_back_with_one_warning(monkeypatch, capsys):
     assert rt_off.maybe_compile(model) is model
 
 
-def test_cpu_peak_is_measured_once_and_mfu_is_a_fraction(tmp_path, monkeypatch):
+def test_cpu_peak_keeps_the_best_measurement_and_mfu_is_a_fraction(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMFS_CACHE", str(tmp_path))
-    calls = []
-    monkeypatch.setattr(runtime, "measure_cpu_peak_flops", lambda: calls.append(1) or 1e11)
+    measurements = iter([1e11, 4e10, 2e11])          # the second one taken while the machine was busy
+    monkeypatch.setattr(runtime, "measure_cpu_peak_flops", lambda: next(measurements))
     assert runtime.peak_flops("cpu") == 1e11
-    assert runtime.peak_flops("cpu") == 1e11
-    assert len(calls) == 1 and (tmp_path / "cpu_peak_flops.json").exists()
-    assert runtime.estimate_mfu(1e6, 1e4, "cpu") == pytest.approx(0.1)
+    assert runtime.peak_flops("cpu") == 1e11          # a slower measurement does not lower the peak
+    assert (tmp_path / "cpu_peak_flops.json").exists()
+    assert runtime.estimate_mfu(1e6, 1e4, "cpu") == pytest.approx(0.05)   # against the new best, 2e11
 
 
 def test_measured_cpu_peak_is_plausible():
