@@ -13,6 +13,7 @@ The recipe, top to bottom:
 """
 
 import copy
+import hashlib
 import math
 import signal
 import sys
@@ -289,6 +290,7 @@ def train_stage(name, model, get_batch, evaluate, total_iters, peak_lr, warmup_i
             "seconds": seconds + time.perf_counter() - started, "model_config": asdict(model.config),
             "config": asdict(cfg), **extra_state})
 
+    forward = rt.maybe_compile(model)       # the compiled module shares its parameters with `model`
     progress = Progress(total_iters, tokens_per_iter, log=rt.log, log_interval=cfg.log_interval,
                         flops_per_token=flops_per_token(model, source_share), device=rt.device, dtype=rt.dtype,
                         start_iter=start_iter, name=name)
@@ -301,7 +303,7 @@ def train_stage(name, model, get_batch, evaluate, total_iters, peak_lr, warmup_i
                 group["lr"] = lr
             batch = {k: v.to(rt.device) for k, v in get_batch(it).items()}
             with rt.autocast():
-                _, loss = model(**batch, label_smoothing=cfg.label_smoothing)
+                _, loss = forward(**batch, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             rt.scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
@@ -312,7 +314,8 @@ def train_stage(name, model, get_batch, evaluate, total_iters, peak_lr, warmup_i
             if not math.isfinite(loss.item()):
                 raise UserError(f"{name}: the loss became {loss.item()} at step {it + 1}; "
                                 f"try a lower --lr or more --warmup_iters")
-            progress.step(it, loss=loss.detach(), lr=lr)
+            with torch.random.fork_rng(devices=[]):   # the MFU figure may time a random matmul: not on our RNG
+                progress.step(it, loss=loss.detach(), lr=lr)
             if (it + 1) % eval_interval == 0 or it + 1 == total_iters:
                 val_loss = evaluate(model)
                 model.train()
@@ -361,19 +364,27 @@ def main(argv=None):
         raise UserError(f"--d_model {cfg.d_model} is not divisible by --n_head {cfg.n_head}")
     run_started = time.perf_counter()
     rt = setup(cfg.device, cfg.dtype, cfg.compile, cfg.seed)
+    if rt.ddp:
+        raise UserError("03_transformer trains in one process; run it with python, not torchrun (05_gpt shows DDP)")
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    pretrain_path = out_dir / "pretrain.pt"
+    pretrained_ckpt = load_checkpoint(pretrain_path) if cfg.stage == "finetune" else None   # fail fast
     rt.log(f"device {rt.device} | autocast {str(rt.dtype).replace('torch.', '')} | "
            f"{torch.get_num_threads()} CPU threads | out_dir {out_dir}")
 
     # ---- tokenizer: one byte-level BPE for both sides, trained once on the corpus and cached
     documents = data.corpus_documents(cfg.data)
-    tokenizer_path = out_dir / "tokenizer.json"
+    corpus_digest = hashlib.sha256("\n\n".join(documents).encode("utf-8")).hexdigest()[:10]
+    tokenizer_path = out_dir / f"tokenizer-{cfg.vocab_size}-{corpus_digest}.json"   # one per corpus and size
     tokenizer = None
     if tokenizer_path.exists():
-        tokenizer = BPETokenizer.load(tokenizer_path)
-        if tokenizer.vocab_size != cfg.vocab_size or list(tokenizer.special_tokens) != list(SPECIAL_TOKENS):
-            tokenizer = None                            # another vocabulary was asked for: train again
+        try:
+            tokenizer = BPETokenizer.load(tokenizer_path)
+        except ValueError as error:                     # a corrupt file: say which, in one line
+            raise UserError(str(error)) from None
+        if list(tokenizer.special_tokens) != list(SPECIAL_TOKENS):
+            raise UserError(f"{tokenizer_path} was not written by this script (other special tokens)")
     if tokenizer is None:
         t0 = time.perf_counter()
         tokenizer = BPETokenizer.train("\n\n".join(documents), cfg.vocab_size, special_tokens=SPECIAL_TOKENS)
@@ -439,7 +450,6 @@ def main(argv=None):
     model = new_model(cfg.dropout)
     rt.log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.n_encoder_layers}+{cfg.n_decoder_layers} "
            f"layers, d_model {cfg.d_model}, {'pre' if cfg.norm_first else 'post'}-LN")
-    pretrain_path = out_dir / "pretrain.pt"
     val_batches = [denoising_batch("val", -1 - k, cfg.batch_size) for k in range(cfg.eval_batches)]
     report = {"chapter": "03_transformer", "device": str(rt.device), "params": model.num_parameters()}
     if cfg.stage in ("all", "pretrain"):
@@ -449,11 +459,10 @@ def main(argv=None):
             tokens_per_iter=cfg.batch_size * cfg.block_size * 2, eval_interval=cfg.eval_interval,
             extra_state={"tokenizer": tokenizer.fingerprint})
     else:
-        ckpt = load_checkpoint(pretrain_path)
-        if ckpt.get("tokenizer") != tokenizer.fingerprint:
+        if pretrained_ckpt.get("tokenizer") != tokenizer.fingerprint:
             raise UserError(f"{pretrain_path} was pretrained with another tokenizer than {tokenizer_path}")
-        load_model_state(model, ckpt["model"], pretrain_path)
-        pretrain_seconds = ckpt["seconds"]
+        load_model_state(model, pretrained_ckpt["model"], pretrain_path)
+        pretrain_seconds = pretrained_ckpt["seconds"]
     pretrain_val = loss_on(model, val_batches)
     report["pretrain"] = {"val_loss": round(pretrain_val, 4), "val_ppl": round(math.exp(pretrain_val), 2),
                           "iters": cfg.pretrain_iters, "seconds": round(pretrain_seconds, 1),

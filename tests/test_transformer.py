@@ -493,7 +493,6 @@ def test_bad_input_is_one_line_and_nonzero_exit(tiny_run, tmp_path):
     # a corrupt pretraining checkpoint, read by --stage finetune
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
     (broken / "pretrain.pt").write_bytes(b"not a checkpoint")
     cmd = [c if c != str(out) else str(broken) for c in command] + ["--stage", "finetune"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
