@@ -206,8 +206,9 @@ def setup(device="auto", dtype="auto", compile=False, seed=1337):
 
 def measure_cpu_peak_flops(size=1024, repeats=5):
     """The best float32 matmul throughput of this CPU with torch's current thread count, in FLOP/s."""
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
+    generator = torch.Generator().manual_seed(0)      # its own: never shifts the training's random stream
+    a = torch.randn(size, size, generator=generator)
+    b = torch.randn(size, size, generator=generator)
     a @ b                                           # warm up the BLAS threads
     best = float("inf")
     for _ in range(repeats):
