@@ -133,7 +133,8 @@ class LoRAUpdate(nn.Module):
         self.r, self.alpha, self.dora = r, alpha, dora
         self.scaling = alpha / r
         self.lora_A = nn.ParameterDict({p: nn.Parameter(torch.empty(r, d_in)) for p in self.parts})
-        self.lora_B = nn.ParameterDict({p: nn.Parameter(torch.zeros(end - start, r)) for p, (start, end) in self.parts.items()})
+        self.lora_B = nn.ParameterDict({p: nn.Parameter(torch.zeros(end - start, r))
+                                        for p, (start, end) in self.parts.items()})
         for A in self.lora_A.values():
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))     # as nn.Linear, and the LoRA reference code
         self.dropout = nn.Dropout(dropout)
@@ -188,7 +189,8 @@ class LoRALinear(nn.Module):
                     # The norm is treated as a constant in backward (DoRA section 4.3): far less memory,
                     # the same accuracy. Written so that scale = 1 and delta = 0 give y back exactly:
                     # scale * (W0 x + delta) + b  =  y + (scale - 1) (y - b) + scale * delta.
-                    norm = (W0 + update.delta_weight(part)).norm(dim=1).detach()      # (rows_p,)
+                    with torch.no_grad():
+                        norm = (W0 + update.delta_weight(part)).norm(dim=1)           # (rows_p,)
                     scale = update.magnitude[part] / norm
                     bias = self.base.bias[start:end] if self.base.bias is not None else 0.0
                     y_part = y_part + (scale - 1) * (y_part - bias) + scale * delta
@@ -530,7 +532,10 @@ class PromptTuning(nn.Module):
         wte = gpt.transformer.wte.weight
         generator = torch.Generator().manual_seed(seed)
         if init_ids is not None or init == "vocab":
-            ids = torch.tensor(init_ids) if init_ids is not None else torch.randint(0, wte.size(0), (num_tokens,), generator=generator)
+            if init_ids is not None:
+                ids = torch.tensor(init_ids)
+            else:
+                ids = torch.randint(0, wte.size(0), (num_tokens,), generator=generator)
             if ids.numel() != num_tokens:
                 raise ValueError(f"init_ids has {ids.numel()} ids, expected num_tokens={num_tokens}")
             soft = wte.detach()[ids.to(wte.device)].clone()

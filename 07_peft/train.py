@@ -80,7 +80,7 @@ class Config:
     log_interval: int = 50           # print a progress line this often
     # finetuning: one budget for every method
     tasks: str = "python-qa,docstring-module"  # tasks, comma-separated
-    methods: str = "full,lora4,lora8,lora16,dora8,prefix,prompt,adapter,ia3,head"  # full | loraR | doraR | prefix | prompt | adapter | ia3 | head
+    methods: str = "full,lora4,lora8,lora16,dora8,prefix,prompt,adapter,ia3,head"  # full, loraR, doraR, prefix, prompt, adapter, ia3, head
     num_labels: int = 10             # docstring-module: the most frequent modules
     pooling: str = "mean"            # classifier input: mean (of the hidden states) | last (token's state)
     ft_iters: int = 60               # finetuning steps per method (the same for all)
@@ -100,7 +100,7 @@ class Config:
     lr_head: float = 3e-2            # the classifier's head (in every method), and the head-only row
     # each method's shape
     lora_alpha: float = 16.0         # LoRA scale alpha / r, alpha fixed across ranks (as the paper)
-    lora_dropout: float = 0.05       # dropout on the LoRA path
+    lora_dropout: float = 0.0        # dropout on the LoRA path (costs a copy of each input: memory)
     lora_targets: str = "all"        # q,k,v,attn.c_proj,mlp.c_fc,mlp.c_proj or the groups attn, mlp, all
     prefix_tokens: int = 16          # prefix length P
     prefix_hidden: int = 256         # width of the reparameterisation MLP (0 = train P directly)
@@ -112,7 +112,7 @@ class Config:
     dtype: str = "auto"              # auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     compile: bool = False            # torch.compile the models
     seed: int = 1337                 # same seed, same device -> same result
-    threads: int = 0                 # CPU threads for torch (0 = its default, one per core; 1 is much faster on a busy machine)
+    threads: int = 0                 # CPU threads for torch (0 = one per core; 1 is far faster on a busy machine)
 
 
 PRESETS = {
@@ -269,7 +269,8 @@ def pretrain(cfg, rt, tokenizer, out_dir):
     def save(it):
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "model_config": dataclasses.asdict(model_config),
-            "optimizer": optimizer.state_dict(), "iter": it, "history": history, "seconds": seconds_before + progress.seconds,
+            "optimizer": optimizer.state_dict(), "iter": it, "history": history,
+            "seconds": seconds_before + progress.seconds,
             "batch_generator": batch_generator.get_state(), "torch_rng": torch.get_rng_state(),
             "tokenizer": {"path": "tokenizer.json", "fingerprint": tokenizer.fingerprint}, "report": summary()})
 
@@ -315,6 +316,7 @@ def load_base(cfg, rt, out_dir):
             tokenizer = BPETokenizer.from_hf(folder / "vocab.json", folder / "merges.txt")
         else:
             tokenizer = BPETokenizer.from_tiktoken("gpt2")
+        rt.log(f"base model: {folder} (Hugging Face GPT-2, {base.num_parameters() / 1e6:.2f}M parameters)")
         return base.to(rt.device), tokenizer, {"source": str(folder)}
     ckpt_path = Path(cfg.base) if cfg.base else out_dir / "base.pt"
     if cfg.base or cfg.stage == "finetune" or (cfg.resume and ckpt_path.exists()):
@@ -498,7 +500,7 @@ def finetune(kind, model, lr, train_items, val_items, cfg, rt, pad_id, name, num
     """ft_iters AdamW steps on the trainable parameters (warmup + cosine), evaluating on val every
     ft_eval_interval steps; the best trainable weights are kept in memory (they are small) and loaded
     back at the end; `patience` evaluations without improvement stop early.
-    Returns (best val metrics, seconds per step, steps done)."""
+    Returns (best val metrics, median seconds per step, steps done)."""
     metric = "response_loss" if kind == "instruction" else "accuracy"
     better = (lambda a, b: a < b) if kind == "instruction" else (lambda a, b: a > b)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -514,7 +516,7 @@ def finetune(kind, model, lr, train_items, val_items, cfg, rt, pad_id, name, num
     lengths = [len(ids) for ids, _ in train_items]
     epoch, order = 0, []
     best, best_metrics, best_state, bad_evals = None, None, None, 0
-    step_seconds, steps = 0.0, 0
+    step_seconds = []
     progress = Progress(cfg.ft_iters, cfg.ft_batch_size * cfg.ft_max_len, log=rt.log,
                         log_interval=cfg.ft_eval_interval, name=f"  {name}")
     model.train()
@@ -538,8 +540,7 @@ def finetune(kind, model, lr, train_items, val_items, cfg, rt, pad_id, name, num
         rt.scaler.update()
         optimizer.zero_grad(set_to_none=True)
         rt.synchronize()
-        step_seconds += time.perf_counter() - start
-        steps += 1
+        step_seconds.append(time.perf_counter() - start)
         progress.step(it, loss=loss, lr=lr_now, tokens=batch["attention_mask"].numel())
         if (it + 1) % cfg.ft_eval_interval == 0 or it == cfg.ft_iters - 1:
             metrics = evaluate(kind, model, val_items, cfg, rt, pad_id, num_labels)
@@ -556,7 +557,8 @@ def finetune(kind, model, lr, train_items, val_items, cfg, rt, pad_id, name, num
         if stop.requested:
             raise KeyboardInterrupt
     peft.load_trainable_state_dict(model, best_state)
-    return best_metrics, step_seconds / max(1, steps), steps
+    # the median step: robust to the few steps a shared machine stalls (the mean is not)
+    return best_metrics, sorted(step_seconds)[len(step_seconds) // 2], len(step_seconds)
 
 
 def save_adapter(path, model, backbone, method, options):
@@ -678,8 +680,8 @@ def main(argv=None):
                 model, backbone, options, lr = build_model(kind, base_state, base_config, method, options, cfg, num_labels)
                 model.to(rt.device)
                 counts = peft.trainable_parameters(model)
-                row = {"method": name, "trainable": counts["trainable"], "percent_of_base": 100 * counts["trainable"] / base_params,
-                       "lr": lr, "options": options}
+                row = {"method": name, "trainable": counts["trainable"], "lr": lr, "options": options,
+                       "percent_of_base": 100 * counts["trainable"] / base_params}
                 rt.log(f"{task} | {name}: {counts['trainable']:,} trainable parameters "
                        f"({row['percent_of_base']:.2f}% of the base), lr {lr:g}")
                 if counts["trainable"] == 0:    # the frozen base on a generation task: nothing to train

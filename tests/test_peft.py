@@ -352,7 +352,9 @@ def test_saved_base_and_adapter_reproduce_the_reported_metric(tiny_run, train):
         gpt.load_state_dict(ckpt["model"])
         backbone = peft.apply_method(gpt, adapter["method"], **adapter["options"])
         spec = tasks[task]
-        model = backbone if spec["kind"] == "instruction" else peft.SequenceClassifier(backbone, len(spec["labels"]), cfg.pooling)
+        if spec["kind"] == "classification":
+            backbone = peft.SequenceClassifier(backbone, len(spec["labels"]), cfg.pooling)
+        model = backbone
         peft.load_trainable_state_dict(model, adapter["state_dict"])
         metrics = train.evaluate(spec["kind"], model, spec["items"]["test"], cfg, rt, pad_id, len(spec["labels"] or []))
         reported = report["finetune"][task]["methods"][key]["test"]
@@ -408,3 +410,15 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(train, tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_base_flag_starts_from_a_saved_checkpoint(tiny_run, train, tmp_path):
+    """--base takes a chapter-05 style checkpoint (here the tiny run's base.pt, with its tokenizer.json
+    beside it): no pretraining, and the same base + seed give the same row as in the full run."""
+    out_dir, report = tiny_run
+    again = train.main(["--preset", "tiny", "--base", str(out_dir / "base.pt"), "--out_dir", str(tmp_path),
+                        "--device", "cpu", "--methods", "ia3", "--tasks", "docstring-module"])
+    assert again["base"]["source"] == str(out_dir / "base.pt")
+    assert not (tmp_path / "base.pt").exists()
+    assert again["finetune"]["docstring-module"]["methods"]["ia3"]["test"] == \
+        report["finetune"]["docstring-module"]["methods"]["ia3"]["test"]
