@@ -53,29 +53,32 @@ class Config:
     vocab_size: int = 4096            # BPE vocabulary: 256 bytes + merges + the 4 special tokens
     max_train_examples: int = 0       # finetune on at most this many train examples (0: all)
     # model
-    n_layer: int = 4                  # encoder blocks
+    n_layer: int = 2                  # encoder blocks (L=2, H=128 is Google's BERT-Tiny)
     n_head: int = 4                   # attention heads
     d_model: int = 128                # hidden size
     d_ff: int = 512                   # FFN inner size (4 * d_model in the paper)
-    dropout: float = 0.1              # hidden and attention dropout
+    dropout: float = 0.1              # hidden and attention dropout when finetuning (and in SimCSE)
+    pretrain_dropout: float = 0.0     # ... and when pretraining: a few passes over the data do not overfit,
+                                      # and dropout would only slow the short run down (as in "Cramming")
     # pretraining data (the original script's flags)
     seq_len: int = 64                 # max_seq_length: [CLS] A [SEP] B [SEP] is cut to this many tokens
     mask_prob: float = 0.15           # masked_lm_prob: fraction of tokens chosen for prediction
     max_predictions: int = 10         # max_predictions_per_seq: the cap on chosen tokens per sequence
     short_seq_prob: float = 0.1       # how often a shorter target length is drawn (train = test lengths)
     # pretraining optimisation
-    pretrain_iters: int = 900         # optimizer steps
-    batch_size: int = 64              # sequences per step (per process under DDP)
-    lr: float = 1e-3                  # peak learning rate, linear warmup then linear decay to 0
-    warmup_iters: int = 50            # linear warmup steps
+    pretrain_iters: int = 2400        # optimizer steps
+    batch_size: int = 32              # sequences per step (per process under DDP)
+    lr: float = 2e-3                  # peak learning rate, linear warmup then linear decay to 0
+    warmup_iters: int = 100           # linear warmup steps
     weight_decay: float = 0.01        # AdamW decay on matrices (not on biases and LayerNorm)
+    beta2: float = 0.98               # Adam's second-moment decay (BERT 0.999; RoBERTa's 0.98 is steadier at high lr)
     grad_clip: float = 1.0            # clip the global gradient norm (0: off)
-    eval_interval: int = 150          # evaluate on the val documents every this many steps
-    eval_batches: int = 8             # val batches per evaluation
-    log_interval: int = 25            # print a progress line every this many steps
+    eval_interval: int = 600          # evaluate on the val documents every this many steps
+    eval_batches: int = 16            # val batches per evaluation
+    log_interval: int = 100           # print a progress line every this many steps
     # finetuning (identical for the pretrained and the random encoder)
     finetune_len: int = 96            # tokens of a finetuning input; longer texts are cut
-    finetune_epochs: int = 3          # epochs of full finetuning and of prompt finetuning
+    finetune_epochs: int = 5          # epochs of full finetuning and of prompt finetuning
     finetune_batch_size: int = 32     # examples per finetuning step
     finetune_lr: float = 5e-4         # peak lr of full and prompt finetuning
     probe_epochs: int = 100           # epochs of the linear probe (cheap: the encoder runs once)
@@ -109,11 +112,11 @@ PRESETS = {
 MODEL_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "finetune_len")
 
 
-def bert_config(cfg, vocab_size, pad_id, dropout=None):
+def bert_config(cfg, vocab_size, pad_id):
+    """The model's config for pretraining (finetuning reloads it with cfg.dropout)."""
     return BertConfig(vocab_size=vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
                       num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
-                      hidden_dropout_prob=cfg.dropout if dropout is None else dropout,
-                      attention_probs_dropout_prob=cfg.dropout if dropout is None else dropout,
+                      hidden_dropout_prob=cfg.pretrain_dropout, attention_probs_dropout_prob=cfg.pretrain_dropout,
                       max_position_embeddings=max(cfg.seq_len, cfg.finetune_len), pad_token_id=pad_id)
 
 
@@ -282,12 +285,12 @@ def get_lr(it, cfg):
     return cfg.lr * max(0.0, (cfg.pretrain_iters - it) / max(1, cfg.pretrain_iters - cfg.warmup_iters))
 
 
-def configure_optimizer(model, lr, weight_decay):
+def configure_optimizer(model, lr, weight_decay, beta2=0.999):
     """AdamW with decay on weight matrices only: biases and LayerNorm parameters are not decayed."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=1e-6)
 
 
 def pretrain(cfg, rt, tokenizer, out_dir):
@@ -316,7 +319,7 @@ def pretrain(cfg, rt, tokenizer, out_dir):
 
     torch.manual_seed(cfg.seed)
     model = BertForPretraining(bert_config(cfg, tokenizer.vocab_size, specials["[PAD]"])).to(rt.device)
-    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, cfg.beta2)
     ckpt_path = out_dir / "ckpt.pt"
     start_iter, history = 0, []
     if cfg.resume:
@@ -346,7 +349,7 @@ def pretrain(cfg, rt, tokenizer, out_dir):
     progress = Progress(cfg.pretrain_iters, cfg.batch_size * cfg.seq_len * rt.world_size, log=rt.log,
                         log_interval=cfg.log_interval, flops_per_token=flops_per_token, device=rt.device,
                         dtype=rt.dtype, start_iter=start_iter, name="pretrain")
-    it = start_iter
+    completed = start_iter                 # optimizer steps done: what a checkpoint's "iter" counts
     try:
         for it in range(start_iter, cfg.pretrain_iters):
             batch = {k: v[share].to(rt.device) for k, v in next(stream).items()}
@@ -365,6 +368,7 @@ def pretrain(cfg, rt, tokenizer, out_dir):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             rt.scaler.step(optimizer)
             rt.scaler.update()
+            completed = it + 1
             progress.step(it, loss=loss, lr=lr)
             if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.pretrain_iters:
                 metrics = evaluate_pretraining(model, val_batches, rt)
@@ -374,8 +378,9 @@ def pretrain(cfg, rt, tokenizer, out_dir):
                        f"{metrics['mlm_accuracy']:.3f} | NSP accuracy {metrics['nsp_accuracy']:.3f}")
                 save(it + 1)
     except KeyboardInterrupt:
-        save(it)              # `it` is the step that was interrupted: --resume redoes it
-        raise UserError(f"interrupted at iter {it}; checkpoint saved to {ckpt_path}, continue with --resume")
+        save(completed)
+        raise UserError(f"interrupted after iter {completed}; checkpoint saved to {ckpt_path}, "
+                        f"continue with --resume") from None
 
     if not history or history[-1]["iter"] != cfg.pretrain_iters:    # e.g. resumed with nothing left to do
         history.append({"iter": cfg.pretrain_iters, **evaluate_pretraining(model, val_batches, rt)})
@@ -682,8 +687,9 @@ def simcse(cfg, rt, tokenizer, out_dir):
         similarity = z1 @ z2.T / cfg.temperature                                   # (B, B)
         loss = F.cross_entropy(similarity, torch.arange(len(batch), device=rt.device))  # positives: diagonal
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        rt.scaler.scale(loss).backward()
+        rt.scaler.step(optimizer)
+        rt.scaler.update()
         progress.step(it, loss=loss, lr=cfg.simcse_lr)
     after = retrieval_top1(encoder, bodies, summaries, pad_id, rt)
     rt.log(f"SimCSE: top-1 retrieval after: {after:.3f}")

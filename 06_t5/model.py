@@ -358,7 +358,10 @@ class T5(nn.Module):
 
     def _init_weights(self, module):
         """T5's initialisation (Mesh TensorFlow): std d^-0.5 for the matrices that read a d-wide input,
-        and W^Q with (d_model d_kv)^-0.5, which is where the missing 1/sqrt(d_k) of attention went."""
+        and W^Q with (d_model d_kv)^-0.5, which is where the missing 1/sqrt(d_k) of attention went.
+        Embeddings get std 1. The untied v1.1 LM head reads the d_model-wide stream, so it gets
+        d_model^-0.5 like every such matrix (Hugging Face draws it with std 1, which starts training
+        with logits of std sqrt(d_model) and a loss far above log(vocab))."""
         f = self.config.initializer_factor
         d_model, d_ff, d_kv, h = self.config.d_model, self.config.d_ff, self.config.d_kv, self.config.num_heads
         if isinstance(module, T5LayerNorm):
@@ -366,7 +369,7 @@ class T5(nn.Module):
         elif isinstance(module, T5):
             nn.init.normal_(module.shared.weight, std=f * 1.0)
             if not self.config.tie_word_embeddings:
-                nn.init.normal_(module.lm_head.weight, std=f * 1.0)
+                nn.init.normal_(module.lm_head.weight, std=f * d_model ** -0.5)
         elif isinstance(module, T5DenseActDense):
             nn.init.normal_(module.wi.weight, std=f * d_model ** -0.5)
             nn.init.normal_(module.wo.weight, std=f * d_ff ** -0.5)

@@ -4,6 +4,7 @@ whole train.py runs end to end on a tiny preset."""
 
 import json
 import math
+import re
 import struct
 import subprocess
 import sys
@@ -400,6 +401,7 @@ def test_tiny_run_reports_pretraining_and_three_finetuning_modes(tiny_run):
         assert row["metric"] == "accuracy"
         for key in ("pretrained", "scratch", "baseline", "pretrained_f1", "scratch_f1", "seconds"):
             assert 0 <= row[key] <= (1 if key != "seconds" else 1e4)
+    assert re.search(r"pretrain iter\s+10/30 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d.]+k? tok/s .*ETA", stdout)
     assert "tok/s" in stdout and "ETA" in stdout and "MLM accuracy" in stdout and "04_bert report" in stdout
 
 
@@ -417,22 +419,50 @@ def test_tiny_run_checkpoint_and_export_load(tiny_run):
         torch.testing.assert_close(model(ids)[0], exported(ids)[0])   # the export is the checkpoint's model
 
 
-def test_tiny_run_resumes_and_refuses_bad_input(tiny_run, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tiny_run, tmp_path):
+    import shutil
+    import signal
     command, out_dir, _ = tiny_run
-    more = train.PRESETS["tiny"]["pretrain_iters"] + 10
-    result = subprocess.run(command + ["--stage", "pretrain", "--resume", "--pretrain_iters", str(more)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resumed from {out_dir / 'ckpt.pt'} at iter {more - 10}" in result.stdout
-    assert f"pretrain iter {more - 9}/{more}" in result.stdout.replace("iter  ", "iter ")   # no restart at 1
+    for tokenizer_file in out_dir.glob("tokenizer-*.json"):             # reuse the trained tokenizer
+        shutil.copy(tokenizer_file, tmp_path)
+    long_run = command + ["--out_dir", str(tmp_path), "--stage", "pretrain", "--pretrain_iters", "100000",
+                          "--eval_interval", "100000"]
+    process = subprocess.Popen(long_run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if re.search(r"pretrain iter\s+20/100000", line):
+            process.send_signal(signal.SIGINT)
+            break
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 2
+    assert stderr.startswith("error: interrupted after iter ") and len(stderr.strip().splitlines()) == 1, stderr
     from common.checkpoint import load_checkpoint
-    assert load_checkpoint(out_dir / "ckpt.pt")["iter"] == more
+    stopped = load_checkpoint(tmp_path / "ckpt.pt")["iter"]
+    assert stopped >= 20 and f"after iter {stopped};" in stderr
 
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "ckpt.pt").write_bytes(b"not a checkpoint")
-    for extra in (["--data", str(tmp_path / "missing.txt")], ["--out_dir", str(broken), "--resume"]):
+    resumed = subprocess.run(long_run[:-4] + ["--stage", "pretrain", "--resume", "--pretrain_iters", str(stopped + 10)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'ckpt.pt'} at iter {stopped}" in resumed.stdout
+    assert re.search(rf"pretrain iter\s+{stopped + 1}/{stopped + 10}", resumed.stdout)   # no restart at iter 1
+    assert load_checkpoint(tmp_path / "ckpt.pt")["iter"] == stopped + 10
+
+
+def test_bad_input_is_one_line_and_a_nonzero_exit(tiny_run, tmp_path):
+    command, _, _ = tiny_run
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    for extra in (["--data", str(tmp_path / "missing.txt")], ["--out_dir", str(tmp_path), "--resume"],
+                  ["--preset", "huge"]):
         bad = subprocess.run(command + extra, capture_output=True, text=True, timeout=120)
         assert bad.returncode != 0
         assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         assert bad.stderr.startswith("error:")
+
+
+def test_tiny_simcse_stage_reports_retrieval_before_and_after(tiny_run):
+    command, out_dir, _ = tiny_run
+    report = train.main(command[2:] + ["--stage", "simcse"])            # in-process: argv without the script
+    simcse = report["simcse"]
+    assert simcse["metric"] == "top1_retrieval"
+    assert 0 <= simcse["before"] <= 1 and 0 <= simcse["after"] <= 1 and 0 < simcse["baseline"] < 0.05
+    saved = json.loads((out_dir / "report.json").read_text())
+    assert saved["simcse"] == pytest.approx(simcse) and "finetune" in saved   # earlier stages kept

@@ -172,7 +172,7 @@ def test_t5_initialisation_scales():
     ff = model.encoder.block[0].layer[1].DenseReluDense
     for weight, std in ((attn.q.weight, (256 * 32) ** -0.5), (attn.k.weight, 256 ** -0.5),
                         (attn.o.weight, 256 ** -0.5), (ff.wi_0.weight, 256 ** -0.5), (ff.wo.weight, 1024 ** -0.5),
-                        (model.shared.weight, 1.0), (model.lm_head.weight, 1.0)):
+                        (model.shared.weight, 1.0), (model.lm_head.weight, 256 ** -0.5)):
         assert abs(weight.std().item() / std - 1) < 0.05
 
 
@@ -362,3 +362,182 @@ def test_logits_match_hugging_face_t5(tmp_path, variant):
     hf_greedy = [row.tolist()[1:] for row in hf_greedy]                        # drop the start token
     hf_greedy = [row[:row.index(1)] if 1 in row else row for row in hf_greedy]  # cut at EOS (and its padding)
     assert ours.generate(input_ids, attention_mask, max_new_tokens=8) == hf_greedy
+
+
+# ------------------------------------------------------------------------------------------- train.py
+train = load_module("06_t5/train.py")
+
+
+def test_random_segmentation_parts_are_positive_and_all_reachable():
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        parts = train.random_segmentation(4, 2, g)
+        assert sum(parts) == 4 and len(parts) == 2 and min(parts) >= 1
+        seen.add(tuple(parts))
+    assert seen == {(1, 3), (2, 2), (3, 1)}
+
+
+def test_span_corruption_paper_example():
+    # The paper's Figure 2: "Thank you <X> me to your party <Y> week ." / "<X> for inviting <Y> last <Z>"
+    # (here the target ends with EOS instead of a final sentinel).
+    words = "Thank you for inviting me to your party last week .".split()
+    mask = [w in ("for", "inviting", "last") for w in words]
+    inputs, targets = train.span_corrupt(words, mask, ["<X>", "<Y>", "<Z>"], "</s>")
+    assert inputs == "Thank you <X> me to your party <Y> week . </s>".split()
+    assert targets == "<X> for inviting <Y> last </s>".split()
+
+
+def test_span_corruption_reconstructs_the_original_with_sentinels_in_order():
+    g = torch.Generator().manual_seed(1)
+    sentinels = list(range(1000, 1100))
+    for length in (20, 57, 141, 300):
+        tokens = list(range(length))                                   # distinct ids: nothing ambiguous
+        mask = train.random_spans_noise_mask(length, 0.15, 3.0, g)
+        inputs, targets = train.span_corrupt(tokens, mask, sentinels, -1)
+        assert inputs[-1] == -1 and targets[-1] == -1                   # both end with EOS
+        used = [t for t in inputs if t >= 1000]
+        assert used == sentinels[:len(used)] == [t for t in targets if t >= 1000]   # 0, 1, 2... in both
+        spans, current = {}, None
+        for t in targets[:-1]:                                         # target = S_k span_k S_k+1 span_k+1 ...
+            if t >= 1000:
+                current = spans.setdefault(t, [])
+            else:
+                current.append(t)
+        rebuilt = [u for t in inputs[:-1] for u in (spans[t] if t >= 1000 else [t])]
+        assert rebuilt == tokens
+        assert all(spans.values())                                     # no empty span
+        assert sum(mask) == round(length * 0.15)
+
+
+def test_noise_density_and_span_length_hold_on_average():
+    g = torch.Generator().manual_seed(2)
+    noise = total = spans = 0
+    for _ in range(300):
+        length = int(torch.randint(40, 400, (1,), generator=g))
+        mask = train.random_spans_noise_mask(length, 0.15, 3.0, g)
+        assert len(mask) == length and not mask[0]                    # starts with a kept span
+        noise += sum(mask)
+        total += length
+        spans += sum(1 for i, m in enumerate(mask) if m and not mask[i - 1])
+    assert abs(noise / total - 0.15) < 0.002
+    assert abs(noise / spans - 3.0) < 0.15
+
+
+@pytest.mark.parametrize("input_length", [16, 64, 128, 512])
+def test_corrupted_input_fills_the_context(input_length):
+    raw, target = train.raw_length_for(input_length, 0.15, 3.0)
+    g = torch.Generator().manual_seed(3)
+    inputs, targets = train.span_corrupt(list(range(raw)), train.random_spans_noise_mask(raw, 0.15, 3.0, g),
+                                         list(range(10_000, 10_200)), -1)
+    assert len(inputs) == input_length and len(targets) == target           # exactly full
+    assert train.corrupted_lengths(raw + 1, 0.15, 3.0)[0] > input_length    # one more raw token would not fit
+    assert train.corrupted_lengths(148, 0.15, 3.0) == (134, 30)             # the docstring's worked example
+
+
+@pytest.mark.parametrize("prediction,reference,expected", [
+    ("the cat sat on the mat", "the cat sat on the mat", 1.0),
+    ("the cat sat on the mat", "the cat is on the mat", 5 / 6),      # LCS "the cat on the mat": P = R = 5/6
+    ("Return the length", "Return the number of items", 0.5),        # LCS 2: P = 2/3, R = 2/5, F = 0.5
+    ("a b c d", "a x b y d", 2 / 3),                                 # LCS "a b d" (gaps allowed): P 3/4, R 3/5
+    ("b a", "a b", 0.5),                                             # order matters: LCS 1
+    ("Return the `len()`.", "return the len", 1.0),                  # case and punctuation ignored
+    ("completely different words", "nothing in common", 0.0),
+    ("", "a reference", 0.0),
+    ("", "", 1.0),
+])
+def test_rouge_l_hand_checked(prediction, reference, expected):
+    assert train.rouge_l(prediction, reference) == pytest.approx(expected)
+
+
+def test_lcs_and_scores():
+    assert train.lcs_length("the cat sat".split(), "the cat on the mat sat".split()) == 3
+    assert train.lcs_length("abcbdab", "bdcaba") == 4                 # the textbook example (CLRS)
+    assert train.score("exact_match", ["open", "close "], ["open", "read"]) == 0.5
+    assert train.score("rouge_l", ["a b", "c"], ["a b", "d"]) == 0.5
+
+
+def test_learning_rate_schedules():
+    assert train.get_lr(0, 1.0, 10, "inverse_sqrt") == pytest.approx(0.1)          # warmup: linear
+    assert train.get_lr(9, 1.0, 10, "inverse_sqrt") == pytest.approx(1.0)
+    assert train.get_lr(39, 1.0, 10, "inverse_sqrt") == pytest.approx(0.5)         # sqrt(10 / 40)
+    assert train.get_lr(500, 1.0, 10, "constant") == 1.0
+
+
+# ---------------------------------------------------------------------------------------- end to end
+def run_train(*args):
+    # One thread: the tiny model's matrices are too small to gain from two, and on a shared machine an
+    # oversubscribed OpenMP pool made the run several times slower.
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "06_t5" / "train.py"), *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def iter_losses(stdout, stage):
+    return [float(line.split("| loss ")[1].split()[0]) for line in stdout.splitlines()
+            if line.startswith(f"{stage} iter")]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t5_tiny")
+    result = run_train("--preset", "tiny", "--out_dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result
+
+
+def test_tiny_run_reports_what_the_issue_asks(tiny_run):
+    out, result = tiny_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["chapter"] == "06_t5" and report["pretrain"]["val_loss"] > 0
+    assert {task: row["metric"] for task, row in report["finetune"].items()} == {
+        "summarize": "rouge_l", "name": "exact_match", "module": "accuracy"}
+    for row in report["finetune"].values():
+        assert 0 <= row["pretrained"] <= 1 and 0 <= row["scratch"] <= 1 and row["seconds"] > 0
+        assert set(row["by_search"]["pretrained"]) == {"greedy", "beam"}
+    assert {s["task"] for s in report["samples"]} == {"summarize", "name", "module"}
+    for stage in ("pretrain", "finetune-pretrained", "finetune-scratch"):
+        losses = iter_losses(result.stdout, stage)
+        assert len(losses) >= 3 and losses[-1] < losses[0], (stage, losses)     # the loss went down
+    assert "=== 06_t5" in result.stdout and "samples from the test splits" in result.stdout
+
+
+def test_tiny_run_checkpoints_load(tiny_run):
+    out, _ = tiny_run
+    common_checkpoint = load_module("common/checkpoint.py")
+    for name in ("pretrain.pt", "t5-pretrained.pt", "t5-scratch.pt"):
+        ckpt = common_checkpoint.load_checkpoint(out / name)
+        model = t5.T5(t5.T5Config(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])                                    # strict: every key matches
+    assert ckpt["tokenizer"] and not list(out.glob(".*.tmp*"))                  # no half-written leftovers
+
+
+def test_resume_continues_exactly(tiny_run, tmp_path):
+    out, _ = tiny_run
+    first = run_train("--preset", "tiny", "--out_dir", str(tmp_path), "--stage", "pretrain", "--pretrain_iters", "15")
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = run_train("--preset", "tiny", "--out_dir", str(tmp_path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "pretrain: resuming from" in resumed.stdout and "at step 15/30" in resumed.stdout
+    straight = json.loads((out / "report.json").read_text())
+    again = json.loads((tmp_path / "report.json").read_text())
+    assert again["pretrain"]["val_loss"] == straight["pretrain"]["val_loss"]    # same seed, same result
+    assert again["finetune"] == {task: {**row, "seconds": again["finetune"][task]["seconds"]}
+                                 for task, row in straight["finetune"].items()}
+
+
+def test_bad_input_is_one_line_and_nonzero_exit(tiny_run, tmp_path):
+    result = run_train("--preset", "nope")
+    assert result.returncode != 0 and "unknown preset" in result.stderr and "Traceback" not in result.stderr
+    result = run_train("--preset", "tiny", "--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "missing.txt" in result.stderr
+    out, _ = tiny_run
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("tokenizer.json",):
+        (broken / name).write_bytes((out / name).read_bytes())
+    (broken / "pretrain.pt").write_bytes(b"not a checkpoint")
+    result = run_train("--preset", "tiny", "--out_dir", str(broken), "--stage", "finetune")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "pretrain.pt" in result.stderr.strip().splitlines()[-1]
