@@ -57,28 +57,26 @@ class Config:
     n_head: int = 4                   # attention heads
     d_model: int = 128                # hidden size
     d_ff: int = 512                   # FFN inner size (4 * d_model in the paper)
-    dropout: float = 0.1              # hidden and attention dropout when finetuning (and in SimCSE)
-    pretrain_dropout: float = 0.0     # ... and when pretraining: a few passes over the data do not overfit,
-                                      # and dropout would only slow the short run down (as in "Cramming")
+    dropout: float = 0.1              # hidden and attention dropout
     # pretraining data (the original script's flags)
     seq_len: int = 64                 # max_seq_length: [CLS] A [SEP] B [SEP] is cut to this many tokens
     mask_prob: float = 0.15           # masked_lm_prob: fraction of tokens chosen for prediction
     max_predictions: int = 10         # max_predictions_per_seq: the cap on chosen tokens per sequence
     short_seq_prob: float = 0.1       # how often a shorter target length is drawn (train = test lengths)
     # pretraining optimisation
-    pretrain_iters: int = 2400        # optimizer steps
+    pretrain_iters: int = 2000        # optimizer steps
     batch_size: int = 32              # sequences per step (per process under DDP)
     lr: float = 2e-3                  # peak learning rate, linear warmup then linear decay to 0
     warmup_iters: int = 100           # linear warmup steps
     weight_decay: float = 0.01        # AdamW decay on matrices (not on biases and LayerNorm)
     beta2: float = 0.98               # Adam's second-moment decay (BERT 0.999; RoBERTa's 0.98 is steadier at high lr)
     grad_clip: float = 1.0            # clip the global gradient norm (0: off)
-    eval_interval: int = 600          # evaluate on the val documents every this many steps
+    eval_interval: int = 500          # evaluate on the val documents every this many steps
     eval_batches: int = 16            # val batches per evaluation
     log_interval: int = 100           # print a progress line every this many steps
     # finetuning (identical for the pretrained and the random encoder)
     finetune_len: int = 96            # tokens of a finetuning input; longer texts are cut
-    finetune_epochs: int = 5          # epochs of full finetuning and of prompt finetuning
+    finetune_epochs: int = 3          # epochs of full and prompt finetuning (the paper: 2 to 4)
     finetune_batch_size: int = 32     # examples per finetuning step
     finetune_lr: float = 5e-4         # peak lr of full and prompt finetuning
     probe_epochs: int = 100           # epochs of the linear probe (cheap: the encoder runs once)
@@ -107,16 +105,15 @@ PRESETS = {
     "bert-mini-gpu": dict(vocab_size=8192, n_layer=4, n_head=4, d_model=256, d_ff=1024, seq_len=128,
                           max_predictions=20, pretrain_iters=20000, batch_size=128, lr=5e-4, warmup_iters=1000,
                           eval_interval=1000, eval_batches=20, log_interval=100, finetune_len=256,
-                          finetune_epochs=5, finetune_lr=1e-4, compile=True),
+                          finetune_epochs=4, finetune_lr=1e-4, compile=True),
 }
 MODEL_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "finetune_len")
 
 
 def bert_config(cfg, vocab_size, pad_id):
-    """The model's config for pretraining (finetuning reloads it with cfg.dropout)."""
     return BertConfig(vocab_size=vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
                       num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
-                      hidden_dropout_prob=cfg.pretrain_dropout, attention_probs_dropout_prob=cfg.pretrain_dropout,
+                      hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
                       max_position_embeddings=max(cfg.seq_len, cfg.finetune_len), pad_token_id=pad_id)
 
 
