@@ -1,0 +1,176 @@
+"""Chapter 01: the neural language model, its gradients, and the train.py recipe end to end."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, load_module
+
+model_lib = load_module("01_hello_pytorch/model.py")
+NeuralLM, numerical_gradient = model_lib.NeuralLM, model_lib.numerical_gradient
+TRAIN = REPO_ROOT / "01_hello_pytorch" / "train.py"
+
+
+def test_numerical_gradient_of_a_known_function():
+    x = torch.tensor([1.0, 2.0, -3.0], dtype=torch.float64)
+    grad = numerical_gradient(lambda: (x ** 3).sum(), x, eps=1e-6)
+    assert torch.allclose(grad, 3 * x ** 2, atol=1e-6)
+    assert x.tolist() == [1.0, 2.0, -3.0]                      # restored after the perturbations
+
+
+def test_autograd_matches_finite_differences_for_every_parameter():
+    torch.manual_seed(0)
+    model = NeuralLM(vocab_size=13, context_size=3, d_embed=4, d_hidden=6, direct=True).double()
+    ids = torch.randint(0, 13, (2, 7))
+    _, loss = model(ids, ids)
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        numeric = numerical_gradient(lambda: model(ids, ids)[1], parameter, eps=1e-6)
+        assert torch.allclose(parameter.grad, numeric, atol=1e-7), name
+
+
+def test_torch_gradcheck_on_the_model():
+    torch.manual_seed(0)
+    model = NeuralLM(vocab_size=7, context_size=2, d_embed=3, d_hidden=4).double()
+    ids = torch.randint(0, 7, (1, 5))
+    embeddings = model.embed.weight.detach().clone().requires_grad_(True)
+    hidden = model.hidden.weight.detach().clone().requires_grad_(True)
+
+    def loss_of(embed_weight, hidden_weight):                  # the loss as a function of two parameters
+        parameters = {"embed.weight": embed_weight, "hidden.weight": hidden_weight}
+        return torch.func.functional_call(model, parameters, (ids, ids))[1]
+
+    assert torch.autograd.gradcheck(loss_of, (embeddings, hidden), eps=1e-6, atol=1e-6)
+
+
+def test_windows_hold_the_k_previous_tokens_with_start_padding():
+    model = NeuralLM(vocab_size=10, context_size=3)
+    windows = model.windows(torch.tensor([[5, 6, 7, 8]]))
+    S = model.start_id
+    assert windows.tolist() == [[[S, S, 5], [S, 5, 6], [5, 6, 7], [6, 7, 8]]]
+
+
+def test_prediction_depends_only_on_the_last_k_tokens():
+    torch.manual_seed(0)
+    model = NeuralLM(vocab_size=20, context_size=3, d_embed=4, d_hidden=8)
+    ids = torch.randint(0, 20, (1, 10))
+    changed = ids.clone()
+    changed[0, 2] = (ids[0, 2] + 1) % 20                     # position 2 is in the windows ending at 2, 3, 4
+    logits, changed_logits = model(ids)[0], model(changed)[0]
+    assert torch.equal(logits[0, :2], changed_logits[0, :2])  # the past cannot see the future
+    assert not torch.allclose(logits[0, 2:5], changed_logits[0, 2:5])
+    assert torch.equal(logits[0, 5:], changed_logits[0, 5:])  # beyond k tokens the model has forgotten
+
+
+def test_untrained_loss_is_near_uniform_and_shapes():
+    torch.manual_seed(0)
+    model = NeuralLM(vocab_size=100, context_size=4, d_embed=8, d_hidden=16)
+    ids = torch.randint(0, 100, (4, 12))
+    logits, loss = model(ids, ids)
+    assert logits.shape == (4, 12, 100)
+    assert abs(loss.item() - math.log(100)) < 0.1
+    assert model(ids)[1] is None
+
+
+def test_overfits_a_single_batch():
+    torch.manual_seed(0)
+    model = NeuralLM(vocab_size=30, context_size=2, d_embed=8, d_hidden=32)
+    x = torch.randint(0, 30, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(200):
+        _, loss = model(x, y)
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2 * first
+
+
+def test_generate_appends_tokens_and_is_seeded():
+    torch.manual_seed(0)
+    model = NeuralLM(vocab_size=25, context_size=3)
+    prompt = torch.tensor([[1, 2]])
+    a = model.generate(prompt, 6, generator=torch.Generator().manual_seed(5))
+    b = model.generate(prompt, 6, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (1, 8) and torch.equal(a, b) and torch.equal(a[:, :2], prompt)
+    assert int(a.max()) < 25                                   # never samples the start id
+
+
+# ------------------------------------------------------------------------------------- train.py end to end
+def run_train(*args, timeout=300):
+    return subprocess.run([sys.executable, str(TRAIN), "--preset", "tiny", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("hello")
+    result = run_train("--out_dir", str(out_dir), "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out_dir, result.stdout
+
+
+def test_tiny_run_writes_a_complete_report(tiny_run):
+    out_dir, stdout = tiny_run
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["chapter"] == "01_hello_pytorch"
+    assert report["gradcheck_max_error"] < 1e-6
+    assert math.isfinite(report["pretrain"]["val_loss"]) and report["pretrain"]["tokens_per_second"] > 0
+    topics = report["finetune"]["pydoc topics"]
+    for key in ("before", "pretrained", "scratch"):
+        assert math.isfinite(topics[key])
+    assert topics["pretrained"] < topics["scratch"]            # even 30 pretraining steps help
+    assert set(report["optimizers"]) >= {"SGD", "SGD+momentum", "RMSprop", "Adam", "AdamW"}
+    assert len(report["samples"]) == 2 and all(isinstance(s, str) for s in report["samples"])
+    assert "iter" in stdout and "tok/s" in stdout and "ETA" in stdout   # progress lines
+    assert "SGD+momentum" in stdout and any(block in stdout for block in "▁▂▃▄▅▆▇█")  # table + sparklines
+
+
+def test_tiny_run_loss_goes_down(tiny_run):
+    out_dir, stdout = tiny_run
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["pretrain"]["val_loss"] < math.log(300) - 0.5   # well below the uniform model's ln(V)
+    for row in (v for v in report["optimizers"].values() if isinstance(v, dict)):
+        assert sum(row["curve"][-3:]) / 3 < row["curve"][0]
+
+
+def test_checkpoint_loads_and_resume_continues(tiny_run):
+    out_dir, _ = tiny_run
+    from common.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(out_dir / "ckpt.pt")
+    assert ckpt["iter"] == 30
+    model = NeuralLM(vocab_size=300, context_size=ckpt["config"]["context_size"],
+                     d_embed=ckpt["config"]["d_embed"], d_hidden=ckpt["config"]["d_hidden"])
+    model.load_state_dict(ckpt["model"])
+    # resume: train 10 more iterations from the saved state, then only finetune
+    result = run_train("--out_dir", str(out_dir), "--device", "cpu", "--resume", "--max_iters", "40",
+                       "--stage", "pretrain")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout and "iter 40/40" in result.stdout and "iter  1/40" not in result.stdout
+    assert load_checkpoint(out_dir / "ckpt.pt")["iter"] == 40
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--finetune_data", "/no/such/file.txt"], "no such file"),
+    (["--context_size", "0"], "context_size"),
+    (["--stage", "everything"], "unknown --stage"),
+    (["--bogus_flag", "1"], "unknown flag"),
+])
+def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
+    result = run_train("--out_dir", str(tmp_path), *args, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    result = run_train("--out_dir", str(tmp_path), "--resume", timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "ckpt.pt" in result.stderr
