@@ -179,7 +179,7 @@ def load_or_train_tokenizer(text, cfg, out_dir, log):
     started = time.perf_counter()
     tokenizer = BPETokenizer.train(text, cfg.vocab_size, special_tokens=("<|endoftext|>",))
     tokenizer.save(path)
-    log(f"trained a {tokenizer.vocab_size}-token BPE tokenizer in {time.perf_counter() - started:.1f}s -> {path}")
+    log(f"  trained a {tokenizer.vocab_size}-token BPE tokenizer in {time.perf_counter() - started:.1f}s -> {path}")
     return tokenizer, path
 
 
@@ -194,6 +194,10 @@ def main(argv=None):
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "ckpt.pt"
+    needs_checkpoint = cfg.resume or cfg.stage == "finetune"
+    if needs_checkpoint and not ckpt_path.exists():
+        raise UserError(f"no checkpoint at {ckpt_path}: run the pretraining first (--stage pretrain)")
+    ckpt = load_checkpoint(ckpt_path) if needs_checkpoint else None     # a bad file fails here, before slow work
     report = {"chapter": "01_hello_pytorch", "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", "")}
     started = time.perf_counter()
 
@@ -256,10 +260,7 @@ def main(argv=None):
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
     start_iter, best_val = 0, float("inf")
-    if cfg.resume or cfg.stage in ("finetune", "optimizers"):
-        if not ckpt_path.exists():
-            raise UserError(f"no checkpoint at {ckpt_path}: run the pretraining first (--stage pretrain)")
-        ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
         saved = ckpt.get("config", {})
         for field in ("vocab_size", "context_size", "d_embed", "d_hidden", "direct"):
             if field in saved and saved[field] != getattr(cfg, field):
@@ -409,7 +410,7 @@ def main(argv=None):
     model.eval()
     samples = []
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    for prompt in ("Return the", "The"):
+    for prompt in ("Return the", "The") if cfg.stage != "optimizers" else ():   # only a pretrained model
         ids = torch.tensor([tokenizer.encode(prompt)], device=rt.device)
         out = model.generate(ids, cfg.sample_tokens, cfg.temperature, cfg.top_k or None, generator)
         samples.append(tokenizer.decode(out[0].tolist()))

@@ -365,6 +365,10 @@ def main(argv=None):
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "ckpt.pt"
+    needs_checkpoint = cfg.resume or cfg.stage == "finetune"
+    if needs_checkpoint and not ckpt_path.exists():
+        raise UserError(f"no checkpoint at {ckpt_path}: run the pretraining first (--stage pretrain)")
+    ckpt = load_checkpoint(ckpt_path) if needs_checkpoint else None     # a bad file fails here, before slow work
     report = {"chapter": "02_attention", "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", "")}
     started = time.perf_counter()
 
@@ -456,15 +460,12 @@ def main(argv=None):
     flops_per_token = 6 * matmul_params + 12 * cfg.n_layer * cfg.block_size * cfg.d_model
     log(f"  {n_params:,} parameters: {cfg.n_layer} layers x {cfg.n_head} heads, d_model {cfg.d_model}, "
         f"context {cfg.block_size}; attention computed with {cfg.attn_impl!r}")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]    # biases and LayerNorm gains
+    decay = [p for p in model.parameters() if p.dim() >= 2]                # matrices and embeddings
+    no_decay = [p for p in model.parameters() if p.dim() < 2]              # biases and LayerNorm gains
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     start_iter, best_val = 0, float("inf")
-    if cfg.resume or cfg.stage == "finetune":
-        if not ckpt_path.exists():
-            raise UserError(f"no checkpoint at {ckpt_path}: run the pretraining first (--stage pretrain)")
-        ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
         saved = ckpt.get("config", {})
         for field in ("vocab_size", "block_size", "d_model", "n_head", "n_layer", "prev_tokens"):
             if field in saved and saved[field] != getattr(cfg, field):

@@ -252,3 +252,10 @@ def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    result = run_train("--out_dir", str(tmp_path), "--stage", "finetune", timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "ckpt.pt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
