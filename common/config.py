@@ -97,13 +97,14 @@ def parse_config(config_class, presets=None, argv=None, description=None, defaul
             raise ValueError(f"preset {preset_name!r} sets unknown fields {sorted(unknown)}")
 
     comments = field_comments(config_class)
-    parser = _OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _OneLineParser(description=description, formatter_class=argparse.HelpFormatter)
     preset_help = "named set of overrides: " + ", ".join(
         f"{name} ({', '.join(f'{k}={v}' for k, v in overrides.items()) or 'the defaults'})"
         for name, overrides in presets.items()
     )
     if presets:
-        parser.add_argument("--preset", default=default_preset, help=preset_help)
+        parser.add_argument("--preset", default=default_preset,
+                            help=f"{preset_help} (default: {default_preset or 'none: the config defaults'})")
     for field in fields:
         kind = _field_type(config_class, field)
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()

@@ -125,6 +125,7 @@ def test_help_shows_field_comments(capsys):
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     assert "Transformer blocks" in help_text and "tiny (n_layer=1" in help_text
+    assert "(default: 0.003)" in help_text and "(default: None)" not in help_text   # each default said once
 
 
 @pytest.mark.parametrize("argv, message", [
