@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `common` imports from any cwd
@@ -34,7 +35,7 @@ from common import data, load_module                                      # noqa
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.config import UserError, parse_config, run_main               # noqa: E402
 from common.report import Progress, format_table, print_report, write_report  # noqa: E402
-from common.runtime import setup                                          # noqa: E402
+from common.runtime import StopFlag, setup                                # noqa: E402
 from common.tokenizer import BPETokenizer                                 # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -104,7 +105,7 @@ PRESETS = {
 OPTIMIZERS = {
     "SGD": (lambda params, lr: torch.optim.SGD(params, lr=lr), 10.0),
     "SGD+momentum": (lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9), 1.0),
-    "RMSprop": (lambda params, lr: torch.optim.RMSprop(params, lr=lr), 3e-3),
+    "RMSprop": (lambda params, lr: torch.optim.RMSprop(params, lr=lr), 1e-2),
     "Adam": (lambda params, lr: torch.optim.Adam(params, lr=lr), 1e-2),
     "AdamW": (lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.01), 1e-2),
 }
@@ -131,6 +132,14 @@ def evaluate(model, tokens, split, cfg, rt, batch_size=None):
         losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)
+
+
+def unigram_loss(tokens, vocab_size):
+    """The baseline that ignores context: -mean log p(x) over the val tokens, where p(x) is each token's
+    frequency in the train tokens (add-one smoothed). A language model must beat it to use its window."""
+    counts = np.bincount(tokens.memmap("train"), minlength=vocab_size) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(-log_p[tokens.memmap("val")].mean())
 
 
 def train_steps(model, optimizer, tokens, iters, cfg, rt, lr_at, batch_size=None, seed=0, progress=None):
@@ -315,8 +324,7 @@ def main(argv=None):
         progress = Progress(cfg.max_iters, cfg.batch_size * cfg.block_size, log=log, log_interval=cfg.log_interval,
                             flops_per_token=flops_per_token, device=rt.device, start_iter=start_iter)
         generator = torch.Generator().manual_seed(cfg.seed + start_iter)   # a resumed run draws fresh batches
-        it = start_iter
-        try:
+        with StopFlag() as stop:      # Ctrl-C: finish this step, save, exit (a 2nd Ctrl-C: at once)
             for it in range(start_iter, cfg.max_iters):
                 lr = get_lr(it, cfg)
                 for group in optimizer.param_groups:
@@ -338,10 +346,10 @@ def main(argv=None):
                     save(it + 1)
                     log(f"  eval at iter {it + 1}: val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.1f}); "
                         f"saved {ckpt_path}")
-        except KeyboardInterrupt:
-            save(it)
-            log(f"\ninterrupted: saved {ckpt_path} at iteration {it}; continue with --resume")
-            sys.exit(130)
+                if stop.requested:
+                    save(it + 1)
+                    log(f"interrupted: saved {ckpt_path} after iteration {it + 1}; continue with --resume")
+                    sys.exit(130)
         val_loss = evaluate(model, pretrain_tokens, "val", cfg, rt)
         report["pretrain"] = {"corpus": pretrain_name, "iters": cfg.max_iters, "val_loss": val_loss,
                               "val_perplexity": math.exp(val_loss),
@@ -369,7 +377,9 @@ def main(argv=None):
                         seed=cfg.seed + 2, progress=progress)
             results[name] = evaluate(net, finetune_tokens, "val", cfg, rt)
             log(f"  {name}: val loss {results[name]:.4f} after {cfg.finetune_iters} steps")
-        report["finetune"] = {finetune_name: {"metric": "val_loss", "before": before, **results,
+        baseline = unigram_loss(finetune_tokens, tokenizer.vocab_size)
+        log(f"  baseline: a unigram model of the domain (no context) has val loss {baseline:.4f}")
+        report["finetune"] = {finetune_name: {"metric": "val_loss", "before": before, **results, "baseline": baseline,
                                               "iters": cfg.finetune_iters, "seconds": time.perf_counter() - t0}}
 
     # ------------------------------------------------------------------ 7. optimizers compared

@@ -38,7 +38,7 @@ from common import data, load_module                                      # noqa
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.config import UserError, parse_config, run_main               # noqa: E402
 from common.report import Progress, format_table, print_report, write_report  # noqa: E402
-from common.runtime import setup                                          # noqa: E402
+from common.runtime import StopFlag, setup                                # noqa: E402
 from common.tokenizer import BPETokenizer                                 # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -486,8 +486,7 @@ def main(argv=None):
         progress = Progress(cfg.max_iters, cfg.batch_size * cfg.block_size, log=log, log_interval=cfg.log_interval,
                             flops_per_token=flops_per_token, device=rt.device, start_iter=start_iter)
         generator = torch.Generator().manual_seed(cfg.seed + start_iter)
-        it = start_iter
-        try:
+        with StopFlag() as stop:      # Ctrl-C: finish this step, save, exit (a 2nd Ctrl-C: at once)
             for it in range(start_iter, cfg.max_iters):
                 lr = get_lr(it, cfg)
                 for group in optimizer.param_groups:
@@ -509,10 +508,10 @@ def main(argv=None):
                     save(it + 1)
                     log(f"  eval at iter {it + 1}: val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.1f}); "
                         f"saved {ckpt_path}")
-        except KeyboardInterrupt:
-            save(it)
-            log(f"\ninterrupted: saved {ckpt_path} at iteration {it}; continue with --resume")
-            sys.exit(130)
+                if stop.requested:
+                    save(it + 1)
+                    log(f"interrupted: saved {ckpt_path} after iteration {it + 1}; continue with --resume")
+                    sys.exit(130)
         val_loss = evaluate(model, tokens, cfg, rt)
         save(cfg.max_iters)
         report["pretrain"] = {"corpus": cfg.data, "iters": cfg.max_iters, "val_loss": val_loss,

@@ -15,7 +15,6 @@ The recipe, top to bottom:
 import copy
 import hashlib
 import math
-import signal
 import sys
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ from common import data, load_module  # noqa: E402
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.config import UserError, parse_config, run_main  # noqa: E402
 from common.report import Progress, format_table, print_report, write_report  # noqa: E402
-from common.runtime import setup  # noqa: E402
+from common.runtime import StopFlag, setup  # noqa: E402
 from common.tokenizer import BPETokenizer  # noqa: E402
 
 model_lib = load_module(Path(__file__).resolve().parent / "model.py")
@@ -242,25 +241,6 @@ def corpus_bleu(hypotheses, references, max_n=4, unit="word"):
 # ---- the loop both stages share
 
 
-class StopRequested:
-    """Ctrl-C sets a flag; the loop saves a checkpoint at the end of the step and exits."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        if self.requested:                              # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
 
 def train_stage(name, model, get_batch, evaluate, total_iters, peak_lr, warmup_iters, ckpt_path, cfg, rt,
                 tokens_per_iter, eval_interval, extra_state, source_share=0.5):
@@ -296,7 +276,7 @@ def train_stage(name, model, get_batch, evaluate, total_iters, peak_lr, warmup_i
                         start_iter=start_iter, name=name)
     started = time.perf_counter()
     model.train()
-    with StopRequested() as stop:
+    with StopFlag() as stop:
         for it in range(start_iter, total_iters):
             lr = get_lr(it, peak_lr, warmup_iters, total_iters, cfg.schedule, cfg.min_lr_ratio)
             for group in optimizer.param_groups:

@@ -22,7 +22,6 @@ The recipe, top to bottom:
 import dataclasses
 import math
 import random
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -40,7 +39,7 @@ from common import data, load_module  # noqa: E402
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.config import UserError, parse_config, run_main  # noqa: E402
 from common.report import Progress, format_seconds, print_report, write_report  # noqa: E402
-from common.runtime import setup  # noqa: E402
+from common.runtime import StopFlag, setup  # noqa: E402
 from common.tokenizer import BPETokenizer  # noqa: E402
 
 gpt_model = load_module(HERE / "model.py")
@@ -193,28 +192,6 @@ def sample_text(model, tokenizer, rt, prompt="", max_new_tokens=64, temperature=
         texts.append(prompt + tokenizer.decode(new))
     return texts
 
-
-class StopFlag:
-    """The first Ctrl-C asks the training loop to stop after the current step (and save); a second one
-    interrupts at once. Stopping between steps means the saved state is exactly that of a step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            self.requested = True
-            signal.signal(signal.SIGINT, self.previous)
-        try:
-            self.previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:           # not the main thread: leave Ctrl-C alone
-            self.previous = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def pretrain(cfg, rt, tokenizer, out_dir):

@@ -28,7 +28,6 @@ are fixed and short, and ending at a rate near zero is worth more here. The pret
 import copy
 import hashlib
 import math
-import signal
 import sys
 import time
 from collections import Counter
@@ -44,7 +43,7 @@ from common import data, load_module  # noqa: E402
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.config import UserError, parse_config, run_main  # noqa: E402
 from common.report import Progress, format_table, print_report, write_report  # noqa: E402
-from common.runtime import setup  # noqa: E402
+from common.runtime import StopFlag, setup  # noqa: E402
 from common.tokenizer import BPETokenizer  # noqa: E402
 
 model_lib = load_module(Path(__file__).resolve().parent / "model.py")
@@ -285,29 +284,6 @@ def configure_optimizer(model, lr, weight_decay):
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
 
-
-class StopFlag:
-    """The first Ctrl-C asks the loop to save a checkpoint after the current step and exit; a second one
-    interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            self.requested = True
-            signal.signal(signal.SIGINT, self.previous)
-            print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
-        try:
-            self.previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:                                  # not the main thread: leave Ctrl-C alone
-            self.previous = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def flops_per_token(model, source_tokens, target_tokens):

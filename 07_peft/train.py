@@ -24,7 +24,6 @@ The recipe, top to bottom:
 import dataclasses
 import math
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from common import data, load_module  # noqa: E402
 from common.checkpoint import atomic_write_json, load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.config import UserError, parse_config, run_main  # noqa: E402
 from common.report import Progress, format_seconds, format_table, print_report, write_report  # noqa: E402
-from common.runtime import setup  # noqa: E402
+from common.runtime import StopFlag, setup  # noqa: E402
 from common.tokenizer import BPETokenizer  # noqa: E402
 
 peft = load_module(HERE / "model.py")
@@ -173,27 +172,6 @@ def check_config(cfg):
         raise UserError(f"--lora_targets: {error}") from None
     parse_methods(cfg.methods)
 
-
-class StopFlag:
-    """The first Ctrl-C asks the loop to stop at the next step boundary (and save); a second one
-    interrupts at once."""
-
-    def __init__(self):
-        self.requested, self.previous = False, None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            self.requested = True
-            signal.signal(signal.SIGINT, self.previous)
-        try:
-            self.previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:           # not the main thread: leave Ctrl-C alone
-            self.previous = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def get_lr(it, peak, floor, warmup, total):

@@ -23,6 +23,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -129,6 +130,40 @@ class Runtime:
     def cleanup(self):
         if self.ddp and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class StopFlag:
+    """Ctrl-C as a request, not an exception: the first one sets `requested`, and the training loop saves
+    a checkpoint at the next step boundary and returns; a second one interrupts at once. Raising
+    KeyboardInterrupt mid-step instead could leave half the parameters updated by optimizer.step().
+
+        with StopFlag() as stop:
+            for it in range(max_iters):
+                ...one optimizer step...
+                if stop.requested:
+                    save_checkpoint(...); break
+    """
+
+    def __init__(self, message="\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to abort)"):
+        self.message = message
+        self.requested = False
+        self.previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)     # a second Ctrl-C gets the usual KeyboardInterrupt
+        print(self.message, file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:                               # not the main thread: leave Ctrl-C alone
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def compile_unavailable_reason(device_type):

@@ -8,7 +8,7 @@
                 peak; with --nanogpt PATH, nanoGPT's model.py from a local checkout timed side by side
                 in the same process, step for step alternating with ours
     generate    256 new tokens with the KV cache vs recomputing the whole context every step
-    chapters    training tokens/s of each chapter's model at a small fixed config
+    chapters    training tokens/s of each chapter's model (01 to 06) at one small shape
 
 Figures vary with the machine and its load; run it on an otherwise idle machine.
 """
@@ -134,17 +134,41 @@ def bench_generate():
 
 
 def bench_chapters(iters):
-    """Training tokens/s of each chapter's model at a small fixed config (what exists in this checkout)."""
-    print("\n== chapters: training tokens/s at a small fixed config (batch 16, context 128, float32) ==")
-    B, T, V = 16, 128, 1024
+    """Training tokens/s of each chapter's model at one small shape: width 256, 4 heads, 4 layers (2 + 2
+    for the encoder-decoders), batch 16, context 128 (64 + 64 for the encoder-decoders), float32, eager."""
+    print("\n== chapters: training tokens/s, width 256, 4 heads, 4 layers, batch 16, 128 tokens a row, float32 ==")
+    B, T, V, C = 16, 128, 1024, 256
     torch.manual_seed(0)
     x = torch.randint(4, V, (B, T))
-    rows = []
+    src, tgt = x[:, :T // 2], x[:, T // 2:]                   # encoder-decoders: 64 in, 64 out
+    rows = {}
+    hello = load_module(REPO_ROOT / "01_hello_pytorch" / "model.py")
+    m1 = hello.NeuralLM(vocab_size=V, context_size=4, d_embed=64, d_hidden=C)
+    rows["01 NeuralLM (k=4)"] = (m1, lambda: m1(x, x)[1])
+    attention = load_module(REPO_ROOT / "02_attention" / "model.py")
+    m2 = attention.AttentionLM(V, block_size=T, d_model=C, n_head=4, n_layer=4)
+    rows["02 AttentionLM"] = (m2, lambda: m2(x, x)[1])
+    transformer = load_module(REPO_ROOT / "03_transformer" / "model.py")
+    m3 = transformer.Transformer(transformer.TransformerConfig(vocab_size=V, d_model=C, n_head=4, n_encoder_layers=2,
+                                                               n_decoder_layers=2, d_ff=4 * C, dropout=0.0))
+    rows["03 Transformer (2+2)"] = (m3, lambda: m3(src, tgt, labels=tgt)[1])
+    bert = load_module(REPO_ROOT / "04_bert" / "model.py")
+    m4 = bert.BertForPretraining(bert.BertConfig(vocab_size=V, hidden_size=C, num_hidden_layers=4, num_attention_heads=4,
+                                                 intermediate_size=4 * C, hidden_dropout_prob=0.0,
+                                                 attention_probs_dropout_prob=0.0, max_position_embeddings=T))
+    rows["04 BERT (MLM logits)"] = (m4, lambda: torch.nn.functional.cross_entropy(m4(x)[0].flatten(0, 1), x.flatten()))
     gpt = load_module(REPO_ROOT / "05_gpt" / "model.py")
-    model = gpt.GPT(gpt.GPTConfig(block_size=T, vocab_size=V, n_layer=4, n_head=4, n_embd=256))
-    rows.append(("05_gpt GPT", model, lambda m=model: m(x, x)[1]))
-    for name, step_seconds in time_steps({name: make_train_step(m, f) for name, m, f in rows}, iters).items():
-        print(f"{name:<26} {B * T / step_seconds:8,.0f} tok/s")
+    m5 = gpt.GPT(gpt.GPTConfig(block_size=T, vocab_size=V, n_layer=4, n_head=4, n_embd=C, dropout=0.0))
+    rows["05 GPT"] = (m5, lambda: m5(x, x)[1])
+    t5 = load_module(REPO_ROOT / "06_t5" / "model.py")
+    m6 = t5.T5(t5.T5Config(vocab_size=V, d_model=C, d_kv=C // 4, d_ff=4 * C, num_layers=2, num_heads=4,
+                           dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+    rows["06 T5 v1.1 (2+2)"] = (m6, lambda: m6(src, labels=tgt)[1])
+    steps = {name: make_train_step(model, forward) for name, (model, forward) in rows.items()}
+    for name, step_seconds in time_steps(steps, iters).items():
+        params = sum(p.numel() for p in rows[name][0].parameters())
+        print(f"{name:<24} {params / 1e6:5.2f}M parameters  {step_seconds * 1000:7.1f} ms/step  "
+              f"{B * T / step_seconds:8,.0f} tok/s")
 
 
 def main():

@@ -4,6 +4,7 @@ and the train.py recipe runs end to end."""
 import json
 import math
 import random
+import signal
 import subprocess
 import sys
 
@@ -259,3 +260,19 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     result = run_train("--out_dir", str(tmp_path), "--stage", "finetune", timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "ckpt.pt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_saves_at_a_step_boundary_and_exits_130(tmp_path):
+    process = subprocess.Popen([sys.executable, str(TRAIN), "--preset", "tiny", "--stage", "pretrain",
+                                "--device", "cpu", "--max_iters", "100000", "--eval_interval", "100000",
+                                "--log_interval", "1", "--out_dir", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    for line in process.stdout:
+        if line.startswith("iter") and int(line.split()[1].split("/")[0]) >= 3:
+            process.send_signal(signal.SIGINT)
+            break
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors[-2000:]
+    assert "interrupted: saved" in output and "Traceback" not in errors
+    stopped_at = torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"]
+    assert 3 <= stopped_at < 100000          # the step in flight finished, then the checkpoint was written

@@ -1,8 +1,11 @@
 """Properties of common/runtime.py, common/config.py, common/checkpoint.py and common/report.py."""
 
 import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,3 +225,17 @@ def test_report_table_and_json(tmp_path, capsys):
     atomic_write_json(tmp_path / "x.json", {"a": 1})
     assert format_seconds(80) == "1m20s" and format_seconds(4.25) == "4.2s"
     assert format_table([{"a": 1.5}], ["a", "b"]).splitlines()[2].split() == ["1.5000", "-"]
+
+
+# -------------------------------------------------------------------------------------------- Ctrl-C
+def test_stop_flag_turns_the_first_ctrl_c_into_a_request_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGINT)
+    with runtime.StopFlag(message="") as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGINT)          # the first Ctrl-C: no exception, a request
+        deadline = time.time() + 5
+        while not stop.requested and time.time() < deadline:
+            time.sleep(0.01)
+        assert stop.requested
+        assert signal.getsignal(signal.SIGINT) is before     # so a second Ctrl-C interrupts at once
+    assert signal.getsignal(signal.SIGINT) is before

@@ -2,9 +2,11 @@
 
 import json
 import math
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from conftest import REPO_ROOT, load_module
 model_lib = load_module("01_hello_pytorch/model.py")
 NeuralLM, numerical_gradient = model_lib.NeuralLM, model_lib.numerical_gradient
 TRAIN = REPO_ROOT / "01_hello_pytorch" / "train.py"
+train = load_module("01_hello_pytorch/train.py")
 
 
 def test_numerical_gradient_of_a_known_function():
@@ -123,13 +126,26 @@ def test_tiny_run_writes_a_complete_report(tiny_run):
     assert report["gradcheck_max_error"] < 1e-6
     assert math.isfinite(report["pretrain"]["val_loss"]) and report["pretrain"]["tokens_per_second"] > 0
     topics = report["finetune"]["pydoc topics"]
-    for key in ("before", "pretrained", "scratch"):
+    for key in ("before", "pretrained", "scratch", "baseline"):
         assert math.isfinite(topics[key])
     assert topics["pretrained"] < topics["scratch"]            # even 30 pretraining steps help
     assert set(report["optimizers"]) >= {"SGD", "SGD+momentum", "RMSprop", "Adam", "AdamW"}
     assert len(report["samples"]) == 2 and all(isinstance(s, str) for s in report["samples"])
     assert "iter" in stdout and "tok/s" in stdout and "ETA" in stdout   # progress lines
     assert "SGD+momentum" in stdout and any(block in stdout for block in "▁▂▃▄▅▆▇█")  # table + sparklines
+
+
+def test_unigram_baseline_is_the_cross_entropy_of_train_frequencies():
+    class Split:                                   # stands in for a TokenCache: train and val token ids
+        def __init__(self, train, val):
+            self.splits = {"train": np.array(train), "val": np.array(val)}
+
+        def memmap(self, split):
+            return self.splits[split]
+
+    # train counts 0:3, 1:1, 2:0 -> add-one (4, 2, 1)/7; val is [0, 1]
+    expected = -(math.log(4 / 7) + math.log(2 / 7)) / 2
+    assert train.unigram_loss(Split([0, 0, 0, 1], [0, 1]), vocab_size=3) == pytest.approx(expected)
 
 
 def test_tiny_run_loss_goes_down(tiny_run):
@@ -174,3 +190,19 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     result = run_train("--out_dir", str(tmp_path), "--resume", timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "ckpt.pt" in result.stderr
+
+
+def test_ctrl_c_saves_at_a_step_boundary_and_exits_130(tmp_path):
+    process = subprocess.Popen([sys.executable, str(TRAIN), "--preset", "tiny", "--stage", "pretrain",
+                                "--device", "cpu", "--max_iters", "100000", "--eval_interval", "100000",
+                                "--log_interval", "1", "--out_dir", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    for line in process.stdout:
+        if line.startswith("iter") and int(line.split()[1].split("/")[0]) >= 3:
+            process.send_signal(signal.SIGINT)
+            break
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors[-2000:]
+    assert "interrupted: saved" in output and "Traceback" not in errors
+    stopped_at = torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"]
+    assert 3 <= stopped_at < 100000          # the step in flight finished, then the checkpoint was written
