@@ -36,7 +36,7 @@ from common import data                                                         
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.config import UserError, parse_config, run_main                      # noqa: E402
 from common.report import Progress, print_report, write_report                   # noqa: E402
-from common.runtime import setup                                                  # noqa: E402
+from common.runtime import StopFlag, setup                                        # noqa: E402
 from common.tokenizer import BPETokenizer                                         # noqa: E402
 from model import BertClassifier, BertConfig, BertForPretraining, pretraining_loss  # noqa: E402
 
@@ -346,8 +346,7 @@ def pretrain(cfg, rt, tokenizer, out_dir):
     progress = Progress(cfg.pretrain_iters, cfg.batch_size * cfg.seq_len * rt.world_size, log=rt.log,
                         log_interval=cfg.log_interval, flops_per_token=flops_per_token, device=rt.device,
                         dtype=rt.dtype, start_iter=start_iter, name="pretrain")
-    completed = start_iter                 # optimizer steps done: what a checkpoint's "iter" counts
-    try:
+    with StopFlag() as stop:               # Ctrl-C: finish the step, save, exit; a 2nd Ctrl-C: at once
         for it in range(start_iter, cfg.pretrain_iters):
             batch = {k: v[share].to(rt.device) for k, v in next(stream).items()}
             lr = get_lr(it, cfg)
@@ -365,7 +364,6 @@ def pretrain(cfg, rt, tokenizer, out_dir):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             rt.scaler.step(optimizer)
             rt.scaler.update()
-            completed = it + 1
             progress.step(it, loss=loss, lr=lr)
             if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.pretrain_iters:
                 metrics = evaluate_pretraining(model, val_batches, rt)
@@ -374,10 +372,10 @@ def pretrain(cfg, rt, tokenizer, out_dir):
                 rt.log(f"eval iter {it + 1}: val loss {metrics['val_loss']:.4f} | MLM accuracy "
                        f"{metrics['mlm_accuracy']:.3f} | NSP accuracy {metrics['nsp_accuracy']:.3f}")
                 save(it + 1)
-    except KeyboardInterrupt:
-        save(completed)
-        raise UserError(f"interrupted after iter {completed}; checkpoint saved to {ckpt_path}, "
-                        f"continue with --resume") from None
+            if rt.all_reduce_mean(float(stop.requested)) > 0:      # every rank stops at the same step
+                save(it + 1)
+                raise UserError(f"interrupted after iter {it + 1}; checkpoint saved to {ckpt_path}, "
+                                f"continue with --resume")
 
     if not history or history[-1]["iter"] != cfg.pretrain_iters:    # e.g. resumed with nothing left to do
         history.append({"iter": cfg.pretrain_iters, **evaluate_pretraining(model, val_batches, rt)})

@@ -78,22 +78,22 @@ class Config:
     input_length: int = 64            # tokens of corrupted input: raw windows are cut so that it fills the context
     noise_density: float = 0.15       # fraction of the raw tokens dropped into the target
     mean_noise_span_length: float = 3.0  # mean length of a dropped span
-    pretrain_iters: int = 900         # optimizer steps of pretraining
+    pretrain_iters: int = 1200        # optimizer steps of pretraining
     batch_size: int = 32              # pretraining sequences per step (per process)
     lr: float = 1e-3                  # peak learning rate of pretraining (after warmup)
     schedule: str = "linear"          # pretraining after warmup: "linear" decay to 0, "inverse_sqrt" (T5's) or "constant"
     warmup_iters: int = 50            # linear warmup steps of pretraining
     weight_decay: float = 0.01        # AdamW decay of the weight matrices (not of norms or embeddings)
     grad_clip: float = 1.0            # clip the global gradient norm to this (0 = off)
-    eval_interval: int = 300          # pretraining: validation loss (and a checkpoint) every this many steps
+    eval_interval: int = 400          # pretraining: validation loss (and a checkpoint) every this many steps
     eval_batches: int = 4             # validation batches per pretraining evaluation
     # multitask finetuning
-    finetune_iters: int = 500         # optimizer steps of finetuning, the same for pretrained and scratch
+    finetune_iters: int = 800         # optimizer steps of finetuning, the same for pretrained and scratch
     finetune_batch_size: int = 32     # finetuning examples per step (per process), the three tasks mixed
     finetune_lr: float = 1e-3         # peak learning rate of finetuning (after warmup)
     finetune_schedule: str = "linear"  # after warmup: "constant" (T5's finetuning) or "linear" decay to 0
     finetune_warmup_iters: int = 30   # linear warmup steps of finetuning
-    finetune_eval_interval: int = 125  # finetuning: validation loss every this many steps; the best weights are kept
+    finetune_eval_interval: int = 200  # finetuning: validation loss every this many steps; the best weights are kept
     finetune_val_examples: int = 300  # validation examples for that loss (a fixed sample of the mixed val split)
     tasks: str = "summarize,name,module"  # the tasks mixed in finetuning, by prefix (a comma-separated subset)
     max_source_len: int = 64          # task inputs are cut to this many tokens (EOS included)

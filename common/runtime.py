@@ -152,7 +152,7 @@ class StopFlag:
     def _handler(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, self.previous)     # a second Ctrl-C gets the usual KeyboardInterrupt
-        print(self.message, file=sys.stderr, flush=True)
+        print(self.message, flush=True)                  # stdout, with the progress lines
 
     def __enter__(self):
         try:

@@ -469,3 +469,19 @@ def test_tiny_simcse_stage_reports_retrieval_before_and_after(tiny_run):
     assert 0 <= simcse["before"] <= 1 and 0 <= simcse["after"] <= 1 and 0 < simcse["baseline"] < 0.05
     saved = json.loads((out_dir / "report.json").read_text())
     assert saved["simcse"] == pytest.approx(simcse) and "finetune" in saved   # earlier stages kept
+
+
+def test_two_process_ddp_pretraining_on_cpu(tiny_run, tmp_path):
+    """Under torchrun each rank trains on its share of every step's batch; rank 0 writes the checkpoint."""
+    import os
+    import shutil
+    command, out_dir, _ = tiny_run
+    for tokenizer_file in out_dir.glob("tokenizer-*.json"):
+        shutil.copy(tokenizer_file, tmp_path)
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command[1:],
+           "--out_dir", str(tmp_path), "--stage", "pretrain", "--device", "cpu"]
+    result = subprocess.run(ddp, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    from common.checkpoint import load_checkpoint
+    assert load_checkpoint(tmp_path / "ckpt.pt")["iter"] == train.PRESETS["tiny"]["pretrain_iters"]
+    assert json.loads((tmp_path / "report.json").read_text())["pretrain"]["val_loss"] > 0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -566,3 +567,19 @@ def test_bad_input_is_one_line_and_nonzero_exit(tiny_run, tmp_path):
     result = run_train("--preset", "tiny", "--out_dir", str(broken), "--stage", "finetune")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "pretrain.pt" in result.stderr.strip().splitlines()[-1]
+
+
+def test_two_process_ddp_on_cpu(tiny_run, tmp_path):
+    """Pretraining and finetuning under torchrun with 2 processes (gloo): each rank trains on its share of
+    a step's batch, and rank 0 evaluates and writes the report."""
+    out, _ = tiny_run
+    shutil.copy(out / "tokenizer.json", tmp_path)                               # skip training a tokenizer
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(REPO_ROOT / "06_t5" / "train.py"), "--preset", "tiny", "--device", "cpu",
+                             "--out_dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["pretrain"]["val_loss"] > 0 and set(report["finetune"]) == {"summarize", "name", "module"}
