@@ -410,7 +410,7 @@ class T5(nn.Module):
         logits = self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
         return logits, loss
 
     # --- decoding --------------------------------------------------------------------------------------

@@ -4,10 +4,13 @@ The chapter folders start with digits (``05_gpt``), so they are not importable p
 chapter's ``model.py`` or ``train.py`` by path with :func:`load_module`.
 """
 
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -28,3 +31,24 @@ def load_module(relative_path):
 @pytest.fixture
 def repo_root():
     return REPO_ROOT
+
+
+def interrupt_after_iteration(train_script, out_dir, min_iter=3, extra_args=()):
+    """Run ``train_script --preset tiny --stage pretrain`` for a very long time, press Ctrl-C (SIGINT)
+    once a progress line shows iteration ``min_iter``, and check what a user must get: exit status 130,
+    a message saying where the checkpoint is, no traceback, and a checkpoint written after a whole step.
+    Returns the iteration the checkpoint holds."""
+    process = subprocess.Popen([sys.executable, str(train_script), "--preset", "tiny", "--stage", "pretrain",
+                                "--device", "cpu", "--max_iters", "100000", "--eval_interval", "100000",
+                                "--log_interval", "1", "--out_dir", str(out_dir), *extra_args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    for line in process.stdout:
+        if line.startswith("iter") and int(line.split()[1].split("/")[0]) >= min_iter:
+            process.send_signal(signal.SIGINT)
+            break
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors[-2000:]
+    assert "interrupted: saved" in output and "Traceback" not in errors
+    stopped_at = torch.load(out_dir / "ckpt.pt", weights_only=True)["iter"]
+    assert min_iter <= stopped_at < 100000         # the step in flight finished, then the checkpoint was written
+    return stopped_at

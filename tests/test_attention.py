@@ -4,14 +4,13 @@ and the train.py recipe runs end to end."""
 import json
 import math
 import random
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, load_module
+from conftest import REPO_ROOT, interrupt_after_iteration, load_module
 
 attention = load_module("02_attention/model.py")
 TRAIN = REPO_ROOT / "02_attention" / "train.py"
@@ -263,16 +262,4 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_ctrl_c_saves_at_a_step_boundary_and_exits_130(tmp_path):
-    process = subprocess.Popen([sys.executable, str(TRAIN), "--preset", "tiny", "--stage", "pretrain",
-                                "--device", "cpu", "--max_iters", "100000", "--eval_interval", "100000",
-                                "--log_interval", "1", "--out_dir", str(tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-    for line in process.stdout:
-        if line.startswith("iter") and int(line.split()[1].split("/")[0]) >= 3:
-            process.send_signal(signal.SIGINT)
-            break
-    output, errors = process.communicate(timeout=120)
-    assert process.returncode == 130, errors[-2000:]
-    assert "interrupted: saved" in output and "Traceback" not in errors
-    stopped_at = torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"]
-    assert 3 <= stopped_at < 100000          # the step in flight finished, then the checkpoint was written
+    interrupt_after_iteration(TRAIN, tmp_path)

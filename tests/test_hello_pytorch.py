@@ -2,7 +2,6 @@
 
 import json
 import math
-import signal
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, load_module
+from conftest import REPO_ROOT, interrupt_after_iteration, load_module
 
 model_lib = load_module("01_hello_pytorch/model.py")
 NeuralLM, numerical_gradient = model_lib.NeuralLM, model_lib.numerical_gradient
@@ -193,16 +192,4 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_ctrl_c_saves_at_a_step_boundary_and_exits_130(tmp_path):
-    process = subprocess.Popen([sys.executable, str(TRAIN), "--preset", "tiny", "--stage", "pretrain",
-                                "--device", "cpu", "--max_iters", "100000", "--eval_interval", "100000",
-                                "--log_interval", "1", "--out_dir", str(tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-    for line in process.stdout:
-        if line.startswith("iter") and int(line.split()[1].split("/")[0]) >= 3:
-            process.send_signal(signal.SIGINT)
-            break
-    output, errors = process.communicate(timeout=120)
-    assert process.returncode == 130, errors[-2000:]
-    assert "interrupted: saved" in output and "Traceback" not in errors
-    stopped_at = torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"]
-    assert 3 <= stopped_at < 100000          # the step in flight finished, then the checkpoint was written
+    interrupt_after_iteration(TRAIN, tmp_path)

@@ -200,6 +200,9 @@ def test_shift_right_and_ignored_labels():
     keep = labels != -100
     manual = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
     torch.testing.assert_close(loss, manual)
+    wide = torch.randint(2, 61, (3, 12))
+    wide[:, 6:] = labels                                     # labels as a non-contiguous slice work too
+    torch.testing.assert_close(model(input_ids, attention_mask=attention_mask, labels=wide[:, 6:])[1], loss)
 
 
 def test_decoder_is_causal_and_encoder_padding_is_ignored():
