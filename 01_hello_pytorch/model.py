@@ -19,6 +19,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def check_token_ids(ids, vocab_size):
+    """Raise a clear ValueError for an id outside [0, vocab_size): the embedding lookup would otherwise
+    fail deep inside torch ("index out of range in self"). One min/max; skipped while torch.compile traces."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    if ids.numel() and not compiling:
+        for token_id in torch.stack(torch.aminmax(ids)).tolist():
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"token id {token_id} is outside the vocabulary (vocab_size {vocab_size})")
+
+
 class NeuralLM(nn.Module):
     """p(x_t | x_{t-k..t-1}) = softmax(W tanh(U [e(x_{t-k}); ...; e(x_{t-1})] + d) + b).
 
@@ -62,6 +72,7 @@ class NeuralLM(nn.Module):
     def forward(self, input_ids, labels=None):
         """Return (logits (B, T, vocab_size), loss or None). labels: (B, T), -100 = ignore."""
         B, T = input_ids.shape
+        check_token_ids(input_ids, self.vocab_size)
         x = self.embed(self.windows(input_ids))                    # (B, T, k, d_embed)
         x = x.view(B, T, -1)                                       # (B, T, k * d_embed): the concatenation
         h = torch.tanh(self.hidden(x))                             # (B, T, d_hidden)

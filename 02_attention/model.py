@@ -177,6 +177,17 @@ class MultiHeadAttention(nn.Module):
         return self.W_o(concat), weights
 
 
+def check_token_ids(ids, vocab_size):
+    """Raise a clear ValueError for an id outside [0, vocab_size): the embedding lookup would otherwise
+    fail deep inside torch ("index out of range in self"). One min/max; skipped while torch.compile traces."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    if ids.numel() and not compiling:
+        for token_id in torch.stack(torch.aminmax(ids)).tolist():
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"token id {token_id} is outside the vocabulary (vocab_size {vocab_size})")
+
+
+
 # ----------------------------------------------------------------------------------------------------
 # a language model made of attention layers
 
@@ -245,6 +256,7 @@ class AttentionLM(nn.Module):
         B, T = input_ids.shape
         if T > self.block_size:
             raise ValueError(f"sequence length {T} is longer than block_size {self.block_size}")
+        check_token_ids(input_ids, self.tok_emb.num_embeddings)
         positions = torch.arange(T, device=input_ids.device)
         h = self.tok_emb(input_ids) + self.pos_emb(positions)                  # (B, T, d_model)
         for shift, prev_emb in enumerate(self.prev_embs, start=1):

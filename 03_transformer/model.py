@@ -270,6 +270,17 @@ def label_smoothed_cross_entropy(logits, labels, smoothing=0.0, ignore_index=-10
 # the model
 
 
+def check_token_ids(ids, vocab_size):
+    """Raise a clear ValueError for an id outside [0, vocab_size): the embedding lookup would otherwise
+    fail deep inside torch ("index out of range in self"). One min/max; skipped while torch.compile traces."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    if ids.numel() and not compiling:
+        for token_id in torch.stack(torch.aminmax(ids)).tolist():
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"token id {token_id} is outside the vocabulary (vocab_size {vocab_size})")
+
+
+
 class Transformer(nn.Module):
     """Encoder-decoder Transformer with shared embeddings (section 3.4).
 
@@ -310,6 +321,7 @@ class Transformer(nn.Module):
         T = ids.size(1)
         if start + T > self.config.max_len:
             raise ValueError(f"sequence of {start + T} tokens is longer than max_len={self.config.max_len}")
+        check_token_ids(ids, self.config.vocab_size)
         x = self.embed(ids) * math.sqrt(self.config.d_model) + self.pe[start : start + T]  # (B, T, C)
         return self.dropout(x)
 

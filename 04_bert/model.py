@@ -71,6 +71,17 @@ ACT2FN = {
 }
 
 
+def check_token_ids(ids, vocab_size):
+    """Raise a clear ValueError for an id outside [0, vocab_size): the embedding lookup would otherwise
+    fail deep inside torch ("index out of range in self"). One min/max; skipped while torch.compile traces."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    if ids.numel() and not compiling:
+        for token_id in torch.stack(torch.aminmax(ids)).tolist():
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"token id {token_id} is outside the vocabulary (vocab_size {vocab_size})")
+
+
+
 # ----------------------------------------------------------------------------------------- embeddings
 
 class BertEmbeddings(nn.Module):
@@ -86,6 +97,7 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids, token_type_ids):
         T = input_ids.size(1)
+        check_token_ids(input_ids, self.word_embeddings.num_embeddings)
         position_ids = torch.arange(T, device=input_ids.device)                        # (T,)
         x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
              + self.token_type_embeddings(token_type_ids))                             # (B, T, C)

@@ -343,6 +343,17 @@ def shift_right(labels, decoder_start_token_id=0, pad_token_id=0):
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
+def check_token_ids(ids, vocab_size):
+    """Raise a clear ValueError for an id outside [0, vocab_size): the embedding lookup would otherwise
+    fail deep inside torch ("index out of range in self"). One min/max; skipped while torch.compile traces."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    if ids.numel() and not compiling:
+        for token_id in torch.stack(torch.aminmax(ids)).tolist():
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"token id {token_id} is outside the vocabulary (vocab_size {vocab_size})")
+
+
+
 class T5(nn.Module):
     """T5ForConditionalGeneration: shared embedding -> encoder; shared embedding -> decoder -> LM head."""
 
@@ -392,10 +403,12 @@ class T5(nn.Module):
 
     def encode(self, input_ids, attention_mask=None):
         """(B, S) token ids -> encoder output (B, S, d_model)."""
+        check_token_ids(input_ids, self.config.vocab_size)
         return self.encoder(self.shared(input_ids), attention_mask)
 
     def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask=None, cache=None):
         """(B, T) decoder ids -> logits (B, T, vocab). `attention_mask` is the encoder's padding mask."""
+        check_token_ids(decoder_input_ids, self.config.vocab_size)
         x = self.decoder(self.shared(decoder_input_ids), None, encoder_hidden_states, attention_mask, cache)
         if self.config.tie_word_embeddings:
             # v1.0: the output layer is the embedding; d_model^-0.5 keeps the logits at unit scale

@@ -263,3 +263,9 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 def test_ctrl_c_saves_at_a_step_boundary_and_exits_130(tmp_path):
     interrupt_after_iteration(TRAIN, tmp_path)
+
+
+def test_token_id_outside_the_vocabulary_is_a_clear_error():
+    model = attention.AttentionLM(10, block_size=8, d_model=16, n_head=2, n_layer=1)
+    with pytest.raises(ValueError, match="token id 12 is outside the vocabulary"):
+        model(torch.tensor([[1, 12]]))

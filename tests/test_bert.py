@@ -485,3 +485,11 @@ def test_two_process_ddp_pretraining_on_cpu(tiny_run, tmp_path):
     from common.checkpoint import load_checkpoint
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter"] == train.PRESETS["tiny"]["pretrain_iters"]
     assert json.loads((tmp_path / "report.json").read_text())["pretrain"]["val_loss"] > 0
+
+
+def test_token_id_outside_the_vocabulary_is_a_clear_error():
+    model = bert.BertForPretraining(bert.BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=16,
+                                                    max_position_embeddings=8))
+    with pytest.raises(ValueError, match="token id 12 is outside the vocabulary"):
+        model(torch.tensor([[1, 12]]))

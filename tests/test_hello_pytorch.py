@@ -78,6 +78,13 @@ def test_untrained_loss_is_near_uniform_and_shapes():
     assert model(ids)[1] is None
 
 
+def test_token_id_outside_the_vocabulary_is_a_clear_error():
+    model = NeuralLM(vocab_size=10, context_size=2, d_embed=4, d_hidden=8)
+    for bad in (10, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+            model(torch.tensor([[1, bad, 2]]))
+
+
 def test_overfits_a_single_batch():
     torch.manual_seed(0)
     model = NeuralLM(vocab_size=30, context_size=2, d_embed=8, d_hidden=32)

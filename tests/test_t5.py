@@ -586,3 +586,11 @@ def test_two_process_ddp_on_cpu(tiny_run, tmp_path):
     assert "2 processes" in result.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["pretrain"]["val_loss"] > 0 and set(report["finetune"]) == {"summarize", "name", "module"}
+
+
+def test_token_id_outside_the_vocabulary_is_a_clear_error():
+    model = t5.T5(t5.T5Config(vocab_size=10, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match="token id 12 is outside the vocabulary"):
+        model(torch.tensor([[1, 12]]), torch.tensor([[0]]))
+    with pytest.raises(ValueError, match="token id 10 is outside the vocabulary"):
+        model(torch.tensor([[1]]), torch.tensor([[10]]))                    # the decoder's ids too

@@ -503,3 +503,12 @@ def test_bad_input_is_one_line_and_nonzero_exit(tiny_run, tmp_path):
     result = subprocess.run([sys.executable, str(REPO_ROOT / "03_transformer" / "train.py"), "--preset", "huge"],
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "huge" in result.stderr
+
+
+def test_token_id_outside_the_vocabulary_is_a_clear_error():
+    model = M.Transformer(M.TransformerConfig(vocab_size=10, d_model=16, n_head=2, n_encoder_layers=1,
+                                              n_decoder_layers=1, d_ff=16, max_len=8))
+    with pytest.raises(ValueError, match="token id 12 is outside the vocabulary"):
+        model(torch.tensor([[1, 12]]), torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="token id -3 is outside the vocabulary"):
+        model(torch.tensor([[1, 2]]), torch.tensor([[-3]]))
