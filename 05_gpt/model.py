@@ -10,7 +10,6 @@ trained with L_LM = -sum_t log p(x_t | x_<t). Parameter names follow the Hugging
 Generation keeps a KV cache: the prompt is run once, then each step feeds one new token.
 """
 
-import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -350,11 +349,15 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        if "fused" in inspect.signature(torch.optim.AdamW).parameters:
-            try:  # one kernel for all parameters: fused on CUDA, and on CPU since torch 2.4 (~4x faster step)
+        # One kernel for all parameters: on CUDA, and on CPU since torch 2.4 (~4x faster step). Older
+        # torch builds the optimizer with fused=True on CPU and only fails at its first step, so ask first.
+        device = params[0].device.type if params else device_type
+        version = tuple(int(part) for part in torch.__version__.split(".")[:2])
+        if device == "cuda" or (device == "cpu" and version >= (2, 4)):
+            try:
                 return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
             except (RuntimeError, ValueError):
-                pass  # this torch has no fused kernel for this device: the plain loop below
+                pass  # no fused kernel for this device or dtype: the plain loop below
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
 
     @classmethod
