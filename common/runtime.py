@@ -18,6 +18,7 @@
 
 import atexit
 import contextlib
+import datetime
 import json
 import os
 import platform
@@ -128,7 +129,17 @@ class Runtime:
             dist.barrier()
 
     def cleanup(self):
+        """At exit: wait for every rank, then tear the process group down. A rank that finished first and
+        destroyed its half could leave the others blocked in destroy_process_group (seen with gloo on
+        torch 2.1); if a rank does not arrive within a minute (it failed), leave without the teardown."""
         if self.ddp and dist.is_initialized():
+            try:
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                else:
+                    dist.barrier()
+            except RuntimeError:
+                return
             dist.destroy_process_group()
 
 
