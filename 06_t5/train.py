@@ -80,10 +80,11 @@ class Config:
     mean_noise_span_length: float = 3.0  # mean length of a dropped span
     pretrain_iters: int = 1200        # optimizer steps of pretraining
     batch_size: int = 32              # pretraining sequences per step (per process)
-    lr: float = 1e-3                  # peak learning rate of pretraining (after warmup)
+    lr: float = 2e-2                  # peak learning rate of pretraining (after warmup), times each tensor's RMS
     schedule: str = "linear"          # pretraining after warmup: "linear" decay to 0, "inverse_sqrt" (T5's) or "constant"
     warmup_iters: int = 50            # linear warmup steps of pretraining
     weight_decay: float = 0.01        # AdamW decay of the weight matrices (not of norms or embeddings)
+    scale_lr_by_rms: bool = True      # pretraining: each tensor's lr = lr x its initial RMS, as Adafactor scales updates
     grad_clip: float = 1.0            # clip the global gradient norm to this (0 = off)
     eval_interval: int = 400          # pretraining: validation loss (and a checkpoint) every this many steps
     eval_batches: int = 4             # validation batches per pretraining evaluation
@@ -123,7 +124,7 @@ PRESETS = {
     "default": {},
     "small": dict(vocab_size=8192, num_sentinels=100, d_model=512, d_kv=64, num_heads=8, d_ff=1024,
                   num_layers=6, num_decoder_layers=6, input_length=512, batch_size=64, pretrain_iters=5000,
-                  lr=1e-3, warmup_iters=500, eval_interval=500, eval_batches=8, finetune_iters=2000,
+                  lr=1e-2, warmup_iters=500, eval_interval=500, eval_batches=8, finetune_iters=2000,
                   finetune_batch_size=64, finetune_lr=3e-4, finetune_warmup_iters=100, finetune_eval_interval=250,
                   finetune_val_examples=1000, max_source_len=256, max_target_len=48, log_interval=100),
 }
@@ -274,16 +275,21 @@ def get_lr(it, peak, warmup, schedule, total=None):
     return peak
 
 
-def configure_optimizer(model, lr, weight_decay):
+def configure_optimizer(model, lr, weight_decay, scale_lr_by_rms=False):
     """AdamW; weight decay on the weight matrices only (not on RMS-norm scales, embeddings or the
-    position-bias table)."""
-    decay, no_decay = [], []
+    position-bias table).
+
+    scale_lr_by_rms: each tensor's learning rate is lr x its RMS at the start (at least 1e-3), as
+    Adafactor, T5's optimizer, scales its updates by the parameter's RMS. Adam moves every entry by
+    about lr per step whatever its size, and T5's initialisation spans two orders of magnitude: the
+    embedding has std 1, W^Q std (d_model d_kv)^-0.5 = 0.016 at d_model 128. One lr cannot suit both."""
+    groups = []
     for name, p in model.named_parameters():
         is_table = name == "shared.weight" or name.endswith("relative_attention_bias.weight")
-        (decay if p.dim() >= 2 and not is_table else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = weight_decay if p.dim() >= 2 and not is_table else 0.0
+        scale = max(p.detach().float().pow(2).mean().sqrt().item(), 1e-3) if scale_lr_by_rms else 1.0
+        groups.append({"params": [p], "weight_decay": decay, "lr_scale": scale})
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
-
 
 
 def flops_per_token(model, source_tokens, target_tokens):
@@ -302,7 +308,7 @@ def train_stage(name, model, get_batch, evaluate, total_iters, peak_lr, warmup_i
     get_batch(it) -> dict of model inputs for this process: a pure function of the step, so a resumed
     run sees the batches an uninterrupted one would. Returns (best val loss, best weights, seconds).
     """
-    optimizer = configure_optimizer(model, peak_lr, cfg.weight_decay)
+    optimizer = configure_optimizer(model, peak_lr, cfg.weight_decay, cfg.scale_lr_by_rms and name == "pretrain")
     start_iter, best_loss, best_state, seconds = 0, math.inf, None, 0.0
     if cfg.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
@@ -331,7 +337,7 @@ def train_stage(name, model, get_batch, evaluate, total_iters, peak_lr, warmup_i
         for it in range(start_iter, total_iters):
             lr = get_lr(it, peak_lr, warmup_iters, schedule, total_iters)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             batch = {k: v.to(rt.device) for k, v in get_batch(it).items()}
             with rt.autocast():
                 _, loss = train_model(batch["input_ids"], attention_mask=batch["attention_mask"],

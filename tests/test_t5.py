@@ -473,6 +473,22 @@ def test_lcs_and_scores():
     assert train.score("rouge_l", ["a b", "c"], ["a b", "d"]) == 0.5
 
 
+def test_optimizer_groups_and_rms_scaled_learning_rates():
+    model = tiny_model("v1.1")
+    plain = train.configure_optimizer(model, 1e-3, 0.01)
+    assert all(group["lr_scale"] == 1.0 for group in plain.param_groups)
+    scaled = train.configure_optimizer(model, 1e-2, 0.01, scale_lr_by_rms=True)
+    names = [n for n, _ in model.named_parameters()]
+    for name, group in zip(names, scaled.param_groups):
+        p = group["params"][0]
+        assert group["lr_scale"] == pytest.approx(max(p.detach().pow(2).mean().sqrt().item(), 1e-3))
+        decayed = p.dim() >= 2 and name != "shared.weight" and "relative_attention_bias" not in name
+        assert group["weight_decay"] == (0.01 if decayed else 0.0), name
+    by_name = dict(zip(names, scaled.param_groups))
+    # T5's initialisation: the embedding has std 1, W^Q std (d_model d_kv)^-0.5, so their lrs differ as much
+    assert by_name["shared.weight"]["lr_scale"] > 10 * by_name["encoder.block.0.layer.0.SelfAttention.q.weight"]["lr_scale"]
+
+
 def test_learning_rate_schedules():
     assert train.get_lr(0, 1.0, 10, "inverse_sqrt") == pytest.approx(0.1)          # warmup: linear
     assert train.get_lr(9, 1.0, 10, "inverse_sqrt") == pytest.approx(1.0)
