@@ -432,7 +432,8 @@ def main(argv=None):
                                        for n, r in report["optimizers"].items() if isinstance(r, dict)))
     write_report(out_dir / "report.json", report)
     log(f"wrote {out_dir / 'report.json'}")
-    log("\nsamples (pretrained model, temperature {}, top-k {}):".format(cfg.temperature, cfg.top_k))
+    if samples:
+        log("\nsamples (pretrained model, temperature {}, top-k {}):".format(cfg.temperature, cfg.top_k))
     for sample in samples:
         log("  " + repr(sample))
     return report
