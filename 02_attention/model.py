@@ -187,7 +187,6 @@ def check_token_ids(ids, vocab_size):
                 raise ValueError(f"token id {token_id} is outside the vocabulary (vocab_size {vocab_size})")
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # a language model made of attention layers
 

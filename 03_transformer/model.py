@@ -280,7 +280,6 @@ def check_token_ids(ids, vocab_size):
                 raise ValueError(f"token id {token_id} is outside the vocabulary (vocab_size {vocab_size})")
 
 
-
 class Transformer(nn.Module):
     """Encoder-decoder Transformer with shared embeddings (section 3.4).
 

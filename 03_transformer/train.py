@@ -241,7 +241,6 @@ def corpus_bleu(hypotheses, references, max_n=4, unit="word"):
 # ---- the loop both stages share
 
 
-
 def train_stage(name, model, get_batch, evaluate, total_iters, peak_lr, warmup_iters, ckpt_path, cfg, rt,
                 tokens_per_iter, eval_interval, extra_state, source_share=0.5):
     """AdamW + warmup/schedule + clipping + AMP, with periodic evaluation and atomic checkpoints.

@@ -193,7 +193,6 @@ def sample_text(model, tokenizer, rt, prompt="", max_new_tokens=64, temperature=
     return texts
 
 
-
 def pretrain(cfg, rt, tokenizer, out_dir):
     """Train a GPT from random weights on the corpus; returns (model, pretraining report)."""
     tokens = data.TokenCache(cfg.data, tokenizer)

@@ -353,7 +353,6 @@ def check_token_ids(ids, vocab_size):
                 raise ValueError(f"token id {token_id} is outside the vocabulary (vocab_size {vocab_size})")
 
 
-
 class T5(nn.Module):
     """T5ForConditionalGeneration: shared embedding -> encoder; shared embedding -> decoder -> LM head."""
 

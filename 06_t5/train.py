@@ -17,12 +17,14 @@ The recipe, top to bottom:
   -> report table + out/06_t5/report.json -> predictions next to references.
 
 Optimiser: AdamW (betas 0.9, 0.98; weight decay on the matrices only) instead of T5's Adafactor, with
-a linear warmup and then a linear decay to zero, in both stages. T5 itself used the inverse square root
-1 / sqrt(max(step, warmup)) for pretraining and a constant rate for finetuning (both available:
---schedule inverse_sqrt, --finetune_schedule constant); those suit open-ended runs, while our budgets
-are fixed and short, and ending at a rate near zero is worth more here. The pretraining peak is kept at
-1e-3: at 3e-3 the loss falls faster, but the encoder learns to add one large vector to every position
-(a bias, which T5's layers lack) and then finetunes worse than a random one (see README).
+a linear warmup and then a linear decay to zero, in both stages. In pretraining each tensor's rate is
+the peak (2e-2) times the tensor's RMS at the start, which is how Adafactor sizes its updates: with
+one rate for all, Adam moves the std-1 embedding and the std-0.016 W^Q by the same amount per step,
+and the pretrained model then finetuned worse than a random one on the module task (README, "Why the
+learning rate is scaled by RMS"). Finetuning uses plain AdamW at 1e-3 for both models. T5 itself used
+the inverse square root 1 / sqrt(max(step, warmup)) for pretraining and a constant rate for
+finetuning (both available: --schedule inverse_sqrt, --finetune_schedule constant); those suit
+open-ended runs, while our budgets are fixed and short, and ending at a rate near zero is worth more.
 """
 
 import copy

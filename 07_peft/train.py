@@ -173,7 +173,6 @@ def check_config(cfg):
     parse_methods(cfg.methods)
 
 
-
 def get_lr(it, peak, floor, warmup, total):
     """Linear warmup to `peak`, then cosine decay to `floor` at `total`."""
     if it < warmup:
