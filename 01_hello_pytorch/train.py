@@ -19,7 +19,6 @@ Read top to bottom; every numbered section prints what it shows:
 
 import copy
 import dataclasses
-import hashlib
 import math
 import sys
 import time
@@ -179,19 +178,6 @@ def make_model(cfg, vocab_size):
     return NeuralLM(vocab_size, cfg.context_size, cfg.d_embed, cfg.d_hidden, cfg.direct)
 
 
-def load_or_train_tokenizer(text, cfg, out_dir, log):
-    """Train BPE on the pretraining text once; later runs load the file from out_dir."""
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-    path = out_dir / f"tokenizer-{cfg.vocab_size}-{digest}.json"
-    if path.exists():
-        return BPETokenizer.load(path), path
-    started = time.perf_counter()
-    tokenizer = BPETokenizer.train(text, cfg.vocab_size, special_tokens=("<|endoftext|>",))
-    tokenizer.save(path)
-    log(f"  trained a {tokenizer.vocab_size}-token BPE tokenizer in {time.perf_counter() - started:.1f}s -> {path}")
-    return tokenizer, path
-
-
 def main(argv=None):
     cfg = parse_config(Config, presets=PRESETS, argv=argv, description=__doc__.split("\n\n")[0])
     if cfg.stage not in STAGES:
@@ -243,7 +229,8 @@ def main(argv=None):
     else:
         pretrain_text, finetune_text = data.load_corpus(cfg.data), data.load_corpus(cfg.finetune_data)
         pretrain_name, finetune_name = cfg.data, Path(cfg.finetune_data).name
-    tokenizer, tokenizer_path = load_or_train_tokenizer(pretrain_text, cfg, out_dir, log)
+    tokenizer, tokenizer_path = BPETokenizer.load_or_train(pretrain_text, cfg.vocab_size, out_dir,
+                                                           special_tokens=("<|endoftext|>",), log=log)
     pretrain_tokens = data.TokenCache([pretrain_text], tokenizer, out_dir / "tokens")
     finetune_tokens = data.TokenCache([finetune_text], tokenizer, out_dir / "tokens")
     for name, tokens in ((pretrain_name, pretrain_tokens), (finetune_name, finetune_tokens)):

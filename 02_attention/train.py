@@ -20,7 +20,6 @@ Read top to bottom; every numbered section prints what it shows:
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import math
 import os
 import random
@@ -333,19 +332,6 @@ def evaluate(model, tokens, cfg, rt):
     return sum(losses) / len(losses)
 
 
-def load_or_train_tokenizer(text, cfg, out_dir, log):
-    """Train BPE on the pretraining text once; later runs load the file from out_dir."""
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-    path = out_dir / f"tokenizer-{cfg.vocab_size}-{digest}.json"
-    if path.exists():
-        return BPETokenizer.load(path), path
-    started = time.perf_counter()
-    tokenizer = BPETokenizer.train(text, cfg.vocab_size, special_tokens=("<|endoftext|>",))
-    tokenizer.save(path)
-    log(f"  trained a {tokenizer.vocab_size}-token BPE tokenizer in {time.perf_counter() - started:.1f}s -> {path}")
-    return tokenizer, path
-
-
 def main(argv=None):
     cfg = parse_config(Config, presets=PRESETS, argv=argv, description=__doc__.split("\n\n")[0])
     if cfg.stage not in STAGES:
@@ -435,7 +421,8 @@ def main(argv=None):
     # ------------------------------------------------------------------ 4. tokenizer and data
     log("== 4. tokenizer and data")
     text = data.load_corpus(cfg.data)
-    tokenizer, tokenizer_path = load_or_train_tokenizer(text, cfg, out_dir, log)
+    tokenizer, tokenizer_path = BPETokenizer.load_or_train(text, cfg.vocab_size, out_dir,
+                                                           special_tokens=("<|endoftext|>",), log=log)
     tokens = data.TokenCache([text], tokenizer, out_dir / "tokens")
     if tokens.num_tokens("val") <= cfg.block_size:
         raise UserError(f"{cfg.data}: {tokens.num_tokens('val')} validation tokens is too few for "

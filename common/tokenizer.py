@@ -24,6 +24,7 @@ import base64
 import hashlib
 import heapq
 import json
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -370,6 +371,21 @@ class BPETokenizer:
             return cls(ranks, pattern=state["pattern"], special_tokens=state["special_tokens"], name=state.get("name", "bpe"))
         except (KeyError, TypeError, ValueError, regex.error) as error:
             raise ValueError(f"{path} is a corrupt tokenizer file ({type(error).__name__}: {error})") from None
+
+    @classmethod
+    def load_or_train(cls, text, vocab_size, folder, special_tokens=(), log=print):
+        """Train on `text` once and cache the file in `folder`; later calls load it. The file name holds
+        the vocabulary size and a digest of the text, so another corpus or size trains a new one.
+        Returns (tokenizer, path)."""
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+        path = Path(folder) / f"tokenizer-{vocab_size}-{digest}.json"
+        if path.exists():
+            return cls.load(path), path
+        started = time.perf_counter()
+        tokenizer = cls.train(text, vocab_size, special_tokens=special_tokens)
+        tokenizer.save(path)
+        log(f"  trained a {tokenizer.vocab_size}-token BPE tokenizer in {time.perf_counter() - started:.1f}s -> {path}")
+        return tokenizer, path
 
     # --------------------------------------------------------------------------- pretrained vocabularies
     @classmethod

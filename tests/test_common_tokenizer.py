@@ -154,6 +154,19 @@ def test_save_load_roundtrip(tok, tmp_path, text):
     assert loaded.encode(text[:5000]) == tok.encode(text[:5000])
 
 
+def test_load_or_train_trains_once_per_text_and_size(tmp_path):
+    messages = []
+    first, path = BPETokenizer.load_or_train("hello hello world " * 20, 270, tmp_path, ("<|endoftext|>",),
+                                             log=messages.append)
+    assert path.exists() and len(messages) == 1 and "tokenizer-270-" in path.name
+    again, same_path = BPETokenizer.load_or_train("hello hello world " * 20, 270, tmp_path, ("<|endoftext|>",),
+                                                  log=messages.append)
+    assert same_path == path and len(messages) == 1                 # loaded, not trained again
+    assert again.vocab_size == first.vocab_size and again.encode("hello world") == first.encode("hello world")
+    _, other_path = BPETokenizer.load_or_train("another text " * 20, 270, tmp_path, log=messages.append)
+    assert other_path != path and len(messages) == 2                 # another text: another file
+
+
 @pytest.mark.parametrize("content, message", [
     ("not json at all", "not valid JSON"),
     ('{"hello": 1}', "not a llm-from-scratch/bpe tokenizer"),
