@@ -8,7 +8,10 @@
     cfg = parse_config(Config, presets={"tiny": {"n_layer": 1}})
     # python train.py --preset tiny --lr 1e-3   ->  Config(n_layer=1, lr=0.001)
 
-A preset is a named set of overrides; flags given explicitly win over it. Bad input (an unknown flag or
+A preset is a named set of overrides; flags given explicitly win over it. Every chapter has `tiny`
+(seconds, for tests), `default` (the config as written: the 2-core CPU run) and a GPU preset. A run
+with another preset than `default` writes to its own folder unless --out_dir says otherwise
+(out/05_gpt -> out/05_gpt-tiny), so a smoke test never touches the default run's results. Bad input (an unknown flag or
 preset, a value of the wrong type) is one clear line and exit code 2, never a traceback. `UserError`
 is how a train.py reports any other bad input (a missing data file, a mismatched checkpoint), and
 `run_main` turns it into that same one line.
@@ -28,12 +31,17 @@ class UserError(Exception):
 
 
 def run_main(main, *args, **kwargs):
-    """Call `main`; a `UserError` becomes "error: <message>" on stderr and exit code 2."""
+    """Call `main`; a `UserError` becomes "error: <message>" on stderr and exit code 2, and a Ctrl-C
+    outside the training loops (which stop at a step boundary and save first, see `StopFlag`) one
+    line and exit code 130, the shell's code for SIGINT, never a traceback."""
     try:
         return main(*args, **kwargs)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted (files already written are complete: every write is atomic)", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def field_comments(config_class):
@@ -87,8 +95,14 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def parse_config(config_class, presets=None, argv=None, description=None, default_preset=None):
-    """Parse `argv` (default: sys.argv[1:]) into an instance of the dataclass `config_class`."""
+    """Parse `argv` (default: sys.argv[1:]) into an instance of the dataclass `config_class`.
+
+    With presets, `default_preset` is "default" when there is one. A config with an `out_dir` field
+    gets `<out_dir>-<preset>` under any other preset, unless the preset or a flag sets out_dir.
+    """
     presets = dict(presets or {})
+    if default_preset is None and "default" in presets:
+        default_preset = "default"
     fields = dataclasses.fields(config_class)
     names = {f.name for f in fields}
     for preset_name, overrides in presets.items():
@@ -97,7 +111,8 @@ def parse_config(config_class, presets=None, argv=None, description=None, defaul
             raise ValueError(f"preset {preset_name!r} sets unknown fields {sorted(unknown)}")
 
     comments = field_comments(config_class)
-    parser = _OneLineParser(description=description, formatter_class=argparse.HelpFormatter)
+    # allow_abbrev=False: argparse would otherwise read --task as --tasks, silently.
+    parser = _OneLineParser(description=description, formatter_class=argparse.HelpFormatter, allow_abbrev=False)
     preset_help = "named set of overrides: " + ", ".join(
         f"{name} ({', '.join(f'{k}={v}' for k, v in overrides.items()) or 'the defaults'})"
         for name, overrides in presets.items()
@@ -128,4 +143,7 @@ def parse_config(config_class, presets=None, argv=None, description=None, defaul
         given = getattr(arguments, field.name)
         if given is not None:
             values[field.name] = given
+    if "out_dir" in names and "out_dir" not in values and preset_name not in (None, default_preset):
+        default_out_dir = next(f for f in fields if f.name == "out_dir").default
+        values["out_dir"] = f"{str(default_out_dir).rstrip('/')}-{preset_name}"
     return config_class(**values)

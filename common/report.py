@@ -12,6 +12,7 @@ not wait for the GPU on every step.
 
 import json
 import time
+from pathlib import Path
 
 from common.checkpoint import atomic_write_json
 
@@ -87,11 +88,15 @@ class Progress:
         if self.tokens_per_second:
             parts.append(f"{format_count(self.tokens_per_second)} tok/s")
             if self.flops_per_token and self.device is not None:
-                if self.peak is None:
+                achieved = self.flops_per_token * self.tokens_per_second
+                if self.peak is None or (self.peak and achieved > self.peak):
+                    # Looked up once; measured again only when a reading would pass 100% (a CPU peak
+                    # measured on a busy machine), and then never below what this step reached.
                     from common.runtime import peak_flops
-                    self.peak = peak_flops(self.device, **({"dtype": self.dtype} if self.dtype is not None else {})) or 0.0
+                    dtype = {"dtype": self.dtype} if self.dtype is not None else {}
+                    self.peak = peak_flops(self.device, at_least=achieved, **dtype) or 0.0
                 if self.peak:
-                    parts.append(f"MFU {100 * self.flops_per_token * self.tokens_per_second / self.peak:.1f}%")
+                    parts.append(f"MFU {100 * achieved / self.peak:.1f}%")
         parts.append(f"ETA {format_seconds(eta)}")
         line = " | ".join(parts)
         self.log(line)
@@ -144,6 +149,37 @@ def print_report(report, title=None, log=print):
         log(format_table(rows, columns))
 
 
-def write_report(path, report):
-    """Write the report as JSON, atomically."""
-    atomic_write_json(path, json.loads(json.dumps(report, default=str)))
+def merge_report(previous, report):
+    """`report` laid over `previous`: what this run measured replaces the old figures, and what it did not
+    run stays. Sections are replaced whole ("pretrain", "samples"...), except "finetune", whose tasks
+    are replaced one by one, so that finetuning one task keeps the rows of the others.
+
+    >>> merge_report({"pretrain": {"val_loss": 4.1}, "finetune": {"a": {"scratch": 0.5}}},
+    ...              {"finetune": {"b": {"scratch": 0.7}}})
+    {'pretrain': {'val_loss': 4.1}, 'finetune': {'a': {'scratch': 0.5}, 'b': {'scratch': 0.7}}}
+    """
+    merged = dict(previous)
+    for key, value in report.items():
+        if key == "finetune" and isinstance(value, dict) and isinstance(previous.get(key), dict):
+            merged[key] = {**previous[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def write_report(path, report, log=print):
+    """Merge `report` into the report.json at `path` (see `merge_report`) and write it atomically;
+    return the merged report, which is what the folder's results now are."""
+    path = Path(path)
+    previous = {}
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+        if not isinstance(previous, dict):
+            log(f"warning: {path} was not a readable report; writing a new one")
+            previous = {}
+    merged = merge_report(previous, json.loads(json.dumps(report, default=str)))
+    atomic_write_json(path, merged)
+    return merged

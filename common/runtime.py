@@ -28,12 +28,12 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.checkpoint import atomic_write_json, cache_dir
 from common.config import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,11 +46,6 @@ GPU_PEAK_FLOPS = [
     ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
     ("A6000", 155e12), ("V100", 125e12), ("T4", 65e12),
 ]
-
-
-def cache_dir():
-    """Where built corpora, downloads and measured peaks live: $LLMFS_CACHE or ~/.cache/llm-from-scratch."""
-    return Path(os.environ.get("LLMFS_CACHE", Path.home() / ".cache" / "llm-from-scratch"))
 
 
 @dataclass
@@ -264,9 +259,14 @@ def measure_cpu_peak_flops(size=1024, repeats=5):
     return 2 * size**3 / best                       # a (n x n) @ (n x n) matmul is 2 n^3 flops
 
 
-def peak_flops(device, dtype=torch.bfloat16):
+def peak_flops(device, dtype=torch.bfloat16, at_least=0.0):
     """Peak FLOP/s for MFU: a data-sheet figure on known GPUs; on CPU, the best float32 matmul rate
-    this machine has shown (kept in the cache folder)."""
+    this machine has shown (kept in the cache folder).
+
+    A CPU measurement taken while other programs ran reads low, and MFU against it would read above
+    100%. So the peak is re-measured on every call and the best ever seen is kept, and `at_least`, a
+    rate the caller has just achieved, raises it further: the true peak is at least what a training
+    step reached. MFU against this peak never exceeds 100%."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -283,13 +283,10 @@ def peak_flops(device, dtype=torch.bfloat16):
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
-    # Measured again on every call (a tenth of a second) and the best ever seen kept: a measurement
-    # taken while other programs ran would otherwise make every later MFU look too high.
-    measured = measure_cpu_peak_flops()
-    if measured > cached.get(key, 0.0):
-        cached[key] = measured
+    best = max(measure_cpu_peak_flops(), float(at_least))   # a tenth of a second
+    if best > cached.get(key, 0.0):
+        cached[key] = best
         try:
-            from common.checkpoint import atomic_write_json
             atomic_write_json(path, cached)
         except OSError:
             pass                                    # a read-only home: nothing to keep
@@ -298,7 +295,8 @@ def peak_flops(device, dtype=torch.bfloat16):
 
 def estimate_mfu(flops_per_token, tokens_per_second, device, dtype=torch.bfloat16):
     """Model FLOPs utilisation: the fraction of the device's peak that the training step achieves."""
-    peak = peak_flops(device, dtype)
+    achieved = flops_per_token * tokens_per_second
+    peak = peak_flops(device, dtype, at_least=achieved if torch.device(device).type == "cpu" else 0.0)
     if not peak:
         return None
-    return flops_per_token * tokens_per_second / peak
+    return achieved / peak

@@ -31,6 +31,8 @@ from pathlib import Path
 import regex
 import tiktoken
 
+from common.checkpoint import atomic_write_text, cache_dir
+
 # GPT-2's split pattern (tiktoken's r50k_base) and GPT-4's (cl100k_base). The second keeps digits in
 # groups of at most 3, does not merge letters across an apostrophe-less case change, and splits newlines
 # from other whitespace; it is the default for the tokenizers we train.
@@ -42,6 +44,15 @@ GPT4_SPLIT_PATTERN = (
 
 FORMAT_NAME = "llm-from-scratch/bpe"
 FORMAT_VERSION = 1
+
+
+def documents_sha256(documents):
+    """A digest of a list of documents, length-prefixed so that ["ab", "c"] and ["a", "bc"] differ."""
+    digest = hashlib.sha256()
+    for document in documents:
+        encoded = document.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little") + encoded)
+    return digest.hexdigest()
 
 
 def count_pairs(ids, counts=None, weight=1):
@@ -347,11 +358,7 @@ class BPETokenizer:
 
     def save(self, path):
         """Write the tokenizer as a JSON text file, atomically (a reader never sees half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(self.to_dict()), encoding="utf-8")
-        temporary.replace(path)
+        atomic_write_text(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path):
@@ -373,19 +380,35 @@ class BPETokenizer:
             raise ValueError(f"{path} is a corrupt tokenizer file ({type(error).__name__}: {error})") from None
 
     @classmethod
-    def load_or_train(cls, text, vocab_size, folder, special_tokens=(), log=print):
-        """Train on `text` once and cache the file in `folder`; later calls load it. The file name holds
-        the vocabulary size and a digest of the text, so another corpus or size trains a new one.
-        Returns (tokenizer, path)."""
-        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-        path = Path(folder) / f"tokenizer-{vocab_size}-{digest}.json"
-        if path.exists():
-            return cls.load(path), path
-        started = time.perf_counter()
-        tokenizer = cls.train(text, vocab_size, special_tokens=special_tokens)
-        tokenizer.save(path)
-        log(f"  trained a {tokenizer.vocab_size}-token BPE tokenizer in {time.perf_counter() - started:.1f}s -> {path}")
-        return tokenizer, path
+    def load_or_train(cls, documents, vocab_size, special_tokens=(), pattern=GPT4_SPLIT_PATTERN, name="bpe",
+                      folder=None, runtime=None, log=print):
+        """The tokenizer trained on `documents` (a str or a list of str), trained once and then loaded.
+
+        The file is keyed by everything that decides the merges: the documents' content, the vocabulary
+        size, the special tokens and the split pattern. Editing a corpus file therefore trains a new
+        tokenizer, and nothing is ever overwritten: another key is another file, in `folder` (default:
+        the cache folder's tokenizers/). Under DDP (`runtime` given) rank 0 trains while the other ranks
+        wait at a barrier, then read rank 0's file.
+        """
+        documents = [documents] if isinstance(documents, str) else list(documents)
+        key = hashlib.sha256(json.dumps([FORMAT_VERSION, vocab_size, list(special_tokens), pattern,
+                                         documents_sha256(documents)]).encode("utf-8")).hexdigest()[:16]
+        path = Path(folder or cache_dir() / "tokenizers") / f"{name}-{vocab_size}-{key}.json"
+        is_main = runtime is None or runtime.is_main
+        tokenizer = None
+        if is_main and path.exists():
+            try:
+                tokenizer = cls.load(path)
+            except ValueError:
+                log(f"  {path} is unreadable; training the tokenizer again")
+        if is_main and tokenizer is None:
+            started = time.perf_counter()
+            tokenizer = cls.train(documents, vocab_size, special_tokens=special_tokens, pattern=pattern, name=name)
+            tokenizer.save(path)
+            log(f"  trained a {tokenizer.vocab_size}-token BPE tokenizer in {time.perf_counter() - started:.1f}s -> {path}")
+        if runtime is not None:
+            runtime.barrier()                     # rank 0's file is complete for everyone after this
+        return tokenizer if is_main else cls.load(path)
 
     # --------------------------------------------------------------------------- pretrained vocabularies
     @classmethod

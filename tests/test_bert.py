@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT, load_module
+from conftest import REPO_ROOT, load_module, reference
 
 bert = load_module("04_bert/model.py")
 
@@ -228,7 +228,7 @@ def test_from_pretrained_reads_a_hand_made_folder(tmp_path):
 def test_matches_transformers_bert_for_pretraining(tmp_path):
     """Our forward equals transformers.BertForPreTraining's (mlm, nsp) logits to float32 precision, with
     padding and two segments; and transformers loads what save_pretrained writes."""
-    transformers = pytest.importorskip("transformers")
+    transformers = reference("transformers")
     torch.manual_seed(0)
     hf_config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                         intermediate_size=37, max_position_embeddings=64)

@@ -72,7 +72,8 @@ def test_pydocs_corpus_is_built_quickly_and_has_both_parts(pydocs):
     qualnames = [r["qualname"] for r in built["records"]]
     assert qualnames == sorted(set(qualnames))                                # deterministic order, unique
     assert len({r["text"] for r in built["records"]}) == len(built["records"])  # duplicates collapsed
-    assert all(r["split"] == data.split_of(r["qualname"]) for r in built["records"])
+    moved = [r for r in built["records"] if r["split"] != data.split_of(r["qualname"])]
+    assert len(moved) < 0.02 * len(built["records"])        # only near-duplicates follow their group's split
     assert all(len(r["text"]) >= data.MIN_DOC_CHARS for r in built["records"])
     modules = [r["qualname"].split(".") for r in built["records"] if r["kind"] == "module"]
     assert {"json", "collections", "builtins"} <= {parts[0] for parts in modules}
@@ -98,11 +99,26 @@ def test_no_val_or_test_docstring_is_in_the_pretraining_corpus(pydocs):
         for split in ("val", "test"):
             held_out.update(e[field] for e in data.load_task(task, split, num_labels=1000))
     assert len(held_out) > 1000
-    leaked = [text[:60] for text in held_out if text in corpus]
-    assert not leaked, f"{len(leaked)} held-out texts are in the corpus, e.g. {leaked[:3]}"
+    # Verbatim openings, not whole texts: a near-duplicate under another name (parse_qs, parse_qsl)
+    # shares its first 200 characters and would leak them.
+    leaked = [text[:60] for text in held_out if text[:200] in corpus]
+    assert not leaked, f"{len(leaked)} held-out texts open as a corpus text does, e.g. {leaked[:3]}"
     # The check can fail: the train docstrings are there.
     train_texts = [r["text"] for r in built["records"] if r["split"] == "train"]
-    assert sum(text in corpus for text in train_texts[:300]) > 280
+    assert sum(text[:200] in corpus for text in train_texts[:300]) > 280
+
+
+def test_near_duplicate_docstrings_share_a_split(pydocs):
+    _, built = pydocs
+    split = {r["qualname"]: r["split"] for r in built["records"]}
+    for first, second in [("urllib.parse.parse_qs", "urllib.parse.parse_qsl"),
+                          ("email.policy.EmailPolicy.header_fetch_parse", "email._policybase.Compat32.header_fetch_parse")]:
+        if first in split and second in split:
+            assert split[first] == split[second], (first, second)
+    groups = {}
+    for r in built["records"]:
+        groups.setdefault(data._near_duplicate_key(r["text"]), set()).add(r["split"])
+    assert all(len(splits) == 1 for splits in groups.values())
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -117,7 +133,8 @@ def test_tasks_have_their_keys_and_splits_never_share_an_object_or_an_input(pydo
         assert len(examples) >= 50
         assert all(set(e) == TASK_KEYS[task] and all(isinstance(v, str) for v in e.values()) for e in examples)
     items = data._pydocs_tasks()[task]
-    assert all(split == data.split_of(qualname) for qualname, split, _ in items)
+    record_split = {r["qualname"]: r["split"] for r in pydocs[1]["records"]}
+    assert all(split == record_split[qualname] for qualname, split, _ in items)
     assert len({qualname for qualname, _, _ in items}) == len(items)        # one example per object
     field = {"docstring-module": "text", "python-qa": "instruction"}.get(task, "input")
     inputs = {s: {e[field] for e in data.load_task(task, s)} for s in data.SPLITS}

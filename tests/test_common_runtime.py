@@ -1,5 +1,6 @@
 """Properties of common/runtime.py, common/config.py, common/checkpoint.py and common/report.py."""
 
+import json
 import contextlib
 import os
 import signal
@@ -75,6 +76,20 @@ def test_cpu_peak_keeps_the_best_measurement_and_mfu_is_a_fraction(tmp_path, mon
     assert runtime.estimate_mfu(1e6, 1e4, "cpu") == pytest.approx(0.05)   # against the new best, 2e11
 
 
+def test_cpu_mfu_never_exceeds_100_percent(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMFS_CACHE", str(tmp_path))
+    monkeypatch.setattr(runtime, "measure_cpu_peak_flops", lambda: 1e9)      # measured on a busy machine
+    assert runtime.estimate_mfu(1e6, 5e3, "cpu") == pytest.approx(1.0)      # 5e9 achieved: the peak rises
+    assert runtime.peak_flops("cpu") == 5e9                                 # and stays there
+    lines = []
+    progress = Progress(total_iters=3, tokens_per_iter=10_000, log=lines.append, log_interval=1,
+                        flops_per_token=1e7, device="cpu")
+    for it in range(3):
+        progress.step(it, loss=1.0)
+    mfus = [float(line.split("MFU ")[1].split("%")[0]) for line in lines if "MFU" in line]
+    assert mfus and all(0 < mfu <= 100.0 for mfu in mfus)
+
+
 def test_measured_cpu_peak_is_plausible():
     flops = runtime.measure_cpu_peak_flops(size=256, repeats=2)
     assert 1e8 < flops < 1e14
@@ -129,6 +144,28 @@ def test_help_shows_field_comments(capsys):
     help_text = capsys.readouterr().out
     assert "Transformer blocks" in help_text and "tiny (n_layer=1" in help_text
     assert "(default: 0.003)" in help_text and "(default: None)" not in help_text   # each default said once
+
+
+@dataclass
+class RunConfig:
+    tasks: str = "a,b"                # tasks to finetune on
+    out_dir: str = "out/05_gpt"       # where the run's files go
+
+
+def test_each_preset_has_its_own_out_dir_unless_told():
+    presets = {"tiny": {}, "default": {}, "gpu": {"out_dir": "runs/gpu"}}
+    assert parse_config(RunConfig, presets, argv=[]).out_dir == "out/05_gpt"
+    assert parse_config(RunConfig, presets, argv=["--preset", "default"]).out_dir == "out/05_gpt"
+    assert parse_config(RunConfig, presets, argv=["--preset", "tiny"]).out_dir == "out/05_gpt-tiny"
+    assert parse_config(RunConfig, presets, argv=["--preset", "tiny", "--out_dir", "x"]).out_dir == "x"
+    assert parse_config(RunConfig, presets, argv=["--preset", "gpu"]).out_dir == "runs/gpu"
+
+
+def test_flags_are_never_abbreviated(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(RunConfig, {}, argv=["--task", "x.jsonl"])     # argparse alone would read --tasks
+    assert exit_info.value.code == 2
+    assert "unknown flag --task (did you mean --tasks?" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -239,3 +276,30 @@ def test_stop_flag_turns_the_first_ctrl_c_into_a_request_and_restores_the_handle
         assert stop.requested
         assert signal.getsignal(signal.SIGINT) is before     # so a second Ctrl-C interrupts at once
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_stage_updates_its_part_of_the_report_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "report.json"
+    write_report(path, {"chapter": "05_gpt", "pretrain": {"val_loss": 4.0},
+                        "finetune": {"python-qa": {"pretrained": 3.5}, "docstring-module": {"pretrained": 0.8}}})
+    merged = write_report(path, {"finetune": {"python-qa": {"pretrained": 3.4}}, "samples": ["x"]})
+    assert merged == json.loads(path.read_text())
+    assert merged["pretrain"] == {"val_loss": 4.0} and merged["samples"] == ["x"]
+    assert merged["finetune"] == {"python-qa": {"pretrained": 3.4}, "docstring-module": {"pretrained": 0.8}}
+    path.write_text("{ not json")
+    messages = []
+    assert write_report(path, {"pretrain": {"val_loss": 3.9}}, log=messages.append) == {"pretrain": {"val_loss": 3.9}}
+    assert "not a readable report" in messages[0]
+
+
+def test_a_run_with_another_config_never_takes_over_a_finished_runs_folder(tmp_path):
+    from common.checkpoint import claim_out_dir
+    config = {"n_layer": 4, "vocab_size": 1024, "lr": 1e-3}
+    claim_out_dir(tmp_path, config, ["n_layer", "vocab_size"])
+    claim_out_dir(tmp_path, {**config, "lr": 3e-3}, ["n_layer", "vocab_size"])      # same model: goes on
+    with pytest.raises(UserError, match=r"holds a run with another config: n_layer 4 \(now 1\).*--out_dir"):
+        claim_out_dir(tmp_path, {**config, "n_layer": 1}, ["n_layer", "vocab_size"])
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["n_layer"] == 4
+    (tmp_path / "run.json").write_text("nope")
+    with pytest.raises(UserError, match="corrupt"):
+        claim_out_dir(tmp_path, config, ["n_layer"])

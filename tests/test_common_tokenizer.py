@@ -3,9 +3,11 @@ training equal to the naive algorithm, special tokens, files, and pretrained-voc
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import tiktoken
+from conftest import reference
 
 from common import tokenizer as tokenizer_module
 from common.tokenizer import GPT2_SPLIT_PATTERN, BPETokenizer, bytes_to_unicode, merge_pair
@@ -154,17 +156,47 @@ def test_save_load_roundtrip(tok, tmp_path, text):
     assert loaded.encode(text[:5000]) == tok.encode(text[:5000])
 
 
-def test_load_or_train_trains_once_per_text_and_size(tmp_path):
+def test_load_or_train_is_keyed_by_content_and_never_overwrites(tmp_path):
     messages = []
-    first, path = BPETokenizer.load_or_train("hello hello world " * 20, 270, tmp_path, ("<|endoftext|>",),
-                                             log=messages.append)
-    assert path.exists() and len(messages) == 1 and "tokenizer-270-" in path.name
-    again, same_path = BPETokenizer.load_or_train("hello hello world " * 20, 270, tmp_path, ("<|endoftext|>",),
-                                                  log=messages.append)
-    assert same_path == path and len(messages) == 1                 # loaded, not trained again
-    assert again.vocab_size == first.vocab_size and again.encode("hello world") == first.encode("hello world")
-    _, other_path = BPETokenizer.load_or_train("another text " * 20, 270, tmp_path, log=messages.append)
-    assert other_path != path and len(messages) == 2                 # another text: another file
+
+    def files():
+        return sorted(p.name for p in tmp_path.iterdir())
+
+    text = "hello hello world " * 20
+    first = BPETokenizer.load_or_train(text, 270, ("<|endoftext|>",), folder=tmp_path, log=messages.append)
+    assert len(messages) == 1 and len(files()) == 1 and files()[0].startswith("bpe-270-")
+    again = BPETokenizer.load_or_train([text], 270, ("<|endoftext|>",), folder=tmp_path, log=messages.append)
+    assert len(messages) == 1 and again.fingerprint == first.fingerprint     # loaded, not trained again
+    # Each thing that decides the merges gives another file; the first one stays as it was.
+    kept = (tmp_path / files()[0]).read_text()
+    BPETokenizer.load_or_train(text + "edited", 270, ("<|endoftext|>",), folder=tmp_path, log=messages.append)
+    BPETokenizer.load_or_train(text, 271, ("<|endoftext|>",), folder=tmp_path, log=messages.append)
+    BPETokenizer.load_or_train(text, 270, ("<|pad|>",), folder=tmp_path, log=messages.append)
+    BPETokenizer.load_or_train(text, 270, ("<|endoftext|>",), pattern=GPT2_SPLIT_PATTERN, folder=tmp_path,
+                               log=messages.append)
+    BPETokenizer.load_or_train([text[:100], text[100:]], 270, ("<|endoftext|>",), folder=tmp_path, log=messages.append)
+    assert len(messages) == 6 and len(files()) == 6
+    assert kept in [(tmp_path / name).read_text() for name in files()]
+
+
+def test_load_or_train_retrains_over_a_corrupt_file(tmp_path):
+    text = "hello hello world " * 20
+    first = BPETokenizer.load_or_train(text, 270, folder=tmp_path, log=lambda *a: None)
+    (path,) = tmp_path.iterdir()
+    path.write_text("{ truncated")
+    messages = []
+    again = BPETokenizer.load_or_train(text, 270, folder=tmp_path, log=messages.append)
+    assert "unreadable" in messages[0] and again.fingerprint == first.fingerprint
+    assert BPETokenizer.load(path).fingerprint == first.fingerprint
+
+
+def test_load_or_train_defaults_to_the_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMFS_CACHE", str(tmp_path))
+    BPETokenizer.load_or_train("some text " * 30, 265, log=lambda *a: None)
+    assert len(list((tmp_path / "tokenizers").glob("bpe-265-*.json"))) == 1
+    monkeypatch.setenv("LLMFS_CACHE", "")                # empty means unset, everywhere
+    from common.checkpoint import cache_dir
+    assert cache_dir() == Path.home() / ".cache" / "llm-from-scratch"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -212,7 +244,7 @@ def test_from_hf_on_a_hand_made_gpt2_vocabulary(tmp_path):
 
 
 def test_from_hf_matches_the_reference_gpt2_tokenizer(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = reference("transformers")
     vocab = write_gpt2_format(tmp_path)
     ours = BPETokenizer.from_hf(tmp_path / "vocab.json", tmp_path / "merges.txt")
     theirs = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT, load_module
+from conftest import REPO_ROOT, load_module, reference
 
 gpt = load_module("05_gpt/model.py")
 
@@ -403,7 +403,7 @@ def test_from_pretrained_clear_errors(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("file_format", ["safetensors", "bin"])
 def test_from_pretrained_matches_transformers_gpt2(tmp_path, file_format):
-    transformers = pytest.importorskip("transformers")
+    transformers = reference("transformers")
     if file_format == "safetensors":
         pytest.importorskip("safetensors")
     torch.manual_seed(0)

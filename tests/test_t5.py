@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, load_module
+from conftest import REPO_ROOT, load_module, reference
 
 t5 = load_module("06_t5/model.py")
 
@@ -343,7 +343,7 @@ def test_from_pretrained_rejects_a_mismatched_or_broken_folder(tmp_path):
 
 @pytest.mark.parametrize("variant", ["v1.0", "v1.1"])
 def test_logits_match_hugging_face_t5(tmp_path, variant):
-    transformers = pytest.importorskip("transformers")
+    transformers = reference("transformers")
     torch.manual_seed(0)
     gated = variant == "v1.1"
     config = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
