@@ -5,6 +5,7 @@
         ...
         progress.step(it, loss=loss, lr=lr)
     # iter   40/300 | loss 4.1234 | lr 3.00e-03 | 12.3k tok/s | MFU 1.2% | ETA 1m20s
+    (on CUDA also "mem 3.21GiB": the peak GPU memory allocated so far)
 
 `loss` may be a tensor: it is turned into a float only on the iterations that print, so the loop does
 not wait for the GPU on every step.
@@ -97,6 +98,9 @@ class Progress:
                     self.peak = peak_flops(self.device, at_least=achieved, **dtype) or 0.0
                 if self.peak:
                     parts.append(f"MFU {100 * achieved / self.peak:.1f}%")
+        if self.device is not None and str(self.device).startswith("cuda"):
+            import torch
+            parts.append(f"mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f}GiB")   # peak so far
         parts.append(f"ETA {format_seconds(eta)}")
         line = " | ".join(parts)
         self.log(line)

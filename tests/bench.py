@@ -9,6 +9,10 @@
                 in the same process, step for step alternating with ours
     generate    256 new tokens with the KV cache vs recomputing the whole context every step
     chapters    training tokens/s of each chapter's model (01 to 06) at one small shape
+    --gpu       the GPU check (also tests/gpu_check.sh), on one CUDA GPU in about 8 minutes: every
+                chapter's tiny preset with --device cuda (bf16 autocast) and --compile, a 1-process
+                torchrun of 05, and 200 steps of 05's gpt2-124m preset; a table of pass/fail, tokens/s,
+                MFU and peak memory, read from each run's last progress line
 
 Figures vary with the machine and its load; run it on an otherwise idle machine.
 """
@@ -171,12 +175,80 @@ def bench_chapters(iters):
               f"{B * T / step_seconds:8,.0f} tok/s")
 
 
+CHAPTERS = ["01_hello_pytorch", "02_attention", "03_transformer", "04_bert", "05_gpt", "06_t5", "07_peft"]
+
+
+def gpu_check_runs(out_root):
+    """(name, command, timeout in seconds) of every run of the GPU check."""
+    python = [sys.executable]
+    runs = [(f"{chapter} tiny", python + [f"{chapter}/train.py", "--preset", "tiny", "--device", "cuda",
+                                          "--compile", "--out_dir", f"{out_root}/{chapter}"], 150)
+            for chapter in CHAPTERS]
+    runs.append(("05_gpt torchrun x1", python + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                                                 "05_gpt/train.py", "--preset", "tiny", "--device", "cuda",
+                                                 "--out_dir", f"{out_root}/05_gpt-torchrun"], 150))
+    runs.append(("05_gpt gpt2-124m 200 steps", python + ["05_gpt/train.py", "--preset", "gpt2-124m", "--device", "cuda",
+                                                        "--compile", "--stage", "pretrain", "--max_iters", "200",
+                                                        "--eval_interval", "200", "--eval_iters", "5",
+                                                        "--log_interval", "20", "--out_dir", f"{out_root}/05_gpt-124m"], 300))
+    return runs
+
+
+def last_progress_figures(output):
+    """tokens/s, MFU and peak memory from the last progress line that shows them ("-" when absent)."""
+    import re
+    figures = {"tok/s": "-", "MFU": "-", "peak mem": "-"}
+    for line in output.splitlines():
+        if " tok/s" in line:
+            figures["tok/s"] = re.search(r"([\d.]+[kM]?) tok/s", line).group(1)
+            mfu = re.search(r"MFU ([\d.]+%)", line)
+            mem = re.search(r"mem ([\d.]+GiB)", line)
+            figures["MFU"] = mfu.group(1) if mfu else "-"
+            figures["peak mem"] = mem.group(1) if mem else "-"
+    return figures
+
+
+def bench_gpu():
+    import subprocess
+    import tempfile
+    if not torch.cuda.is_available():
+        sys.exit("error: the GPU check needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    print(f"\n== GPU check on {torch.cuda.get_device_name()} (torch {torch.__version__}) ==")
+    rows = []
+    with tempfile.TemporaryDirectory() as out_root:
+        for name, command, timeout in gpu_check_runs(out_root):
+            started = time.perf_counter()
+            try:
+                result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+                status = "pass" if result.returncode == 0 else f"FAIL (exit {result.returncode})"
+                output = result.stdout + result.stderr
+            except subprocess.TimeoutExpired as error:
+                status, output = f"FAIL (over {timeout}s)", (error.stdout or b"").decode(errors="replace")
+            seconds = time.perf_counter() - started
+            rows.append({"run": name, "status": status, "seconds": f"{seconds:.0f}", **last_progress_figures(output)})
+            print(f"{name}: {status} in {seconds:.0f}s", flush=True)
+            if not status.startswith("pass"):
+                print("\n".join(output.splitlines()[-15:]), flush=True)
+    from common.report import format_table
+    print()
+    print(format_table(rows, ["run", "status", "seconds", "tok/s", "MFU", "peak mem"]))
+    if any(not row["status"].startswith("pass") for row in rows):
+        sys.exit(1)
+
+
+BENCHMARKS = ("tokenizer", "gpt", "generate", "chapters")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nanogpt", default="", help="path to a nanoGPT checkout, timed side by side")
-    parser.add_argument("--only", nargs="*", default=["tokenizer", "gpt", "generate", "chapters"])
+    parser.add_argument("--only", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS), metavar="NAME",
+                        help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--gpu", action="store_true", help="run the GPU check instead (see above)")
     args = parser.parse_args()
+    if args.gpu:
+        return bench_gpu()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if "tokenizer" in args.only:
         bench_tokenizer()

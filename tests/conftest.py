@@ -5,9 +5,12 @@ chapter's ``model.py`` or ``train.py`` by path with :func:`load_module`.
 """
 
 import importlib
+import inspect
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -39,6 +42,39 @@ def reference(module_name):
     if os.environ.get("LLMFS_REQUIRE_REFERENCE") == "1":
         return importlib.import_module(module_name)
     return pytest.importorskip(module_name)
+
+
+def _uses_reference(item):
+    try:
+        return 'reference("' in inspect.getsource(item.function)
+    except (OSError, TypeError, AttributeError):
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """LLMFS_REFERENCE_ONLY=1 (CI's second pass, with the reference libraries installed) keeps only the
+    parity tests: those that call `reference(...)`."""
+    if os.environ.get("LLMFS_REFERENCE_ONLY") == "1":
+        kept = [item for item in items if _uses_reference(item)]
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_temporary_folder(tmp_path_factory):
+    """Point TMPDIR (inherited by every subprocess the tests start) at a folder of this session, so the
+    torchelastic_* folders torchrun leaves in the temporary folder go when the session ends."""
+    folder = tmp_path_factory.mktemp("tmpdir")
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None                           # re-read TMPDIR in this process too
+    yield folder
+    if previous is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous
+    tempfile.tempdir = None
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
