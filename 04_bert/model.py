@@ -12,19 +12,24 @@ prediction (Devlin et al., 2018), written to load the Hugging Face BERT checkpoi
 
 Every module and parameter is named as in Hugging Face's `modeling_bert.py` (``bert.encoder.layer.0.
 attention.self.query.weight`` ...), so a checkpoint's state dict maps one-to-one onto this model, and
-the config fields are the ones of its ``config.json``. This file imports only torch and the standard
-library; `load_weights` reads ``model.safetensors`` (a JSON header and raw little-endian tensors) itself.
+the config fields are the ones of its ``config.json``. This file imports torch, the standard library and
+`common/safetensors.py`, which reads and writes ``model.safetensors`` (a JSON header and raw little-endian
+tensors) without the `safetensors` package.
 """
 
-import json
 import math
-import struct
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+from common.safetensors import load_folder, read_config, save_folder  # noqa: E402  (Hugging Face folders)
 
 
 @dataclass
@@ -322,13 +327,9 @@ class BertForPretraining(nn.Module):
     def from_pretrained(cls, path, **overrides):
         """Load a Hugging Face BERT folder (``config.json`` and weights). ``overrides`` replace config
         fields (e.g. ``hidden_dropout_prob=0.0``). Missing or unexpected weights -> ValueError."""
-        path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise ValueError(f"{path} has no config.json")
-        config = BertConfig.from_dict({**json.loads(config_file.read_text()), **overrides})
+        config = BertConfig.from_dict({**read_config(path), **overrides})
         model = cls(config)
-        model.load_hf_state_dict(load_weights(path))
+        model.load_hf_state_dict(load_folder(path))
         return model
 
     def load_hf_state_dict(self, state_dict):
@@ -358,12 +359,10 @@ class BertForPretraining(nn.Module):
         self.load_state_dict(renamed)
 
     def save_pretrained(self, path):
-        """Write ``config.json`` + ``model.safetensors`` that Hugging Face's BertForPreTraining loads."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        """Write ``config.json`` + ``model.safetensors`` (each atomically) that Hugging Face's
+        BertForPreTraining loads. The decoder is the word embedding: saved once, tied again on load."""
         state = {k: v for k, v in self.state_dict().items() if k != "cls.predictions.decoder.weight"}
-        save_safetensors(state, path / "model.safetensors")
+        save_folder(path, self.config.to_dict(), state)
 
 
 class BertClassifier(nn.Module):
@@ -400,59 +399,3 @@ def pretraining_loss(mlm_logits, nsp_logits, mlm_labels, next_sentence_label):
     mlm = F.cross_entropy(mlm_logits.flatten(0, 1).float(), mlm_labels.flatten(), ignore_index=-100)
     nsp = F.cross_entropy(nsp_logits.float(), next_sentence_label)
     return mlm + nsp, mlm, nsp
-
-
-# ----------------------------------------------------------------------------------------- safetensors
-# The format: 8 bytes little-endian header length N, N bytes of JSON {name: {"dtype", "shape",
-# "data_offsets": [begin, end]}}, then the raw bytes, offsets counted from the end of the header.
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def load_safetensors(file):
-    raw = Path(file).read_bytes()
-    try:
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
-    except (struct.error, ValueError) as e:
-        raise ValueError(f"{file} is not a safetensors file ({e})") from None
-    data = memoryview(raw)[8 + n:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in _SAFETENSORS_DTYPES or end > len(data):
-            raise ValueError(f"{file}: tensor {name} is corrupt or of unsupported dtype {info['dtype']}")
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(info["shape"])
-    return tensors
-
-
-def save_safetensors(tensors, file):
-    names = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
-    header, chunks, offset = {}, [], 0
-    for name, t in tensors.items():
-        b = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
-        chunks.append(b)
-        offset += len(b)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)                                # the format aligns the data to 8 bytes
-    Path(file).write_bytes(struct.pack("<Q", len(head)) + head + b"".join(chunks))
-
-
-def load_weights(path):
-    """State dict of a Hugging Face folder: model.safetensors, its sharded index, or pytorch_model.bin."""
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return load_safetensors(path / "model.safetensors")
-    if (path / "model.safetensors.index.json").is_file():
-        shards = set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())
-        return {k: v for shard in sorted(shards) for k, v in load_safetensors(path / shard).items()}
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise ValueError(f"{path} has no model.safetensors or pytorch_model.bin")

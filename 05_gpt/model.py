@@ -6,18 +6,25 @@
     p(x_t | x_<t) = softmax(LN(h_L) W_e^T)              LM head tied to the token embedding
 
 trained with L_LM = -sum_t log p(x_t | x_<t). Parameter names follow the Hugging Face GPT-2 checkpoints
-(`transformer.h.0.attn.c_attn.weight`...), so `GPT.from_pretrained` loads real GPT-2 weights.
+(`transformer.h.0.attn.c_attn.weight`...), so `GPT.from_pretrained` loads real GPT-2 weights and
+`save_pretrained` writes a folder that transformers' GPT2LMHeadModel loads (through `common/safetensors.py`,
+without the `safetensors` package).
 Generation keeps a KV cache: the prompt is run once, then each step feeds one new token.
 """
 
-import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+from common.safetensors import load_folder, read_config, save_folder  # noqa: E402  (Hugging Face folders)
 
 
 @dataclass
@@ -360,19 +367,20 @@ class GPT(nn.Module):
                 pass  # no fused kernel for this device or dtype: the plain loop below
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
 
+    # Hugging Face stores GPT-2's projections as Conv1D, weight (in, out); nn.Linear keeps (out, in)
+    CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
     @classmethod
     def from_pretrained(cls, path, dropout=0.0, attn_impl="sdpa"):
-        """Load a Hugging Face GPT-2 folder: config.json plus model.safetensors or pytorch_model.bin.
+        """Load a Hugging Face GPT-2 folder: config.json plus model.safetensors or pytorch_model.bin (or
+        the sharded index of either).
 
-        Hugging Face stores GPT-2's projections as Conv1D, weight (in, out); nn.Linear keeps (out, in),
-        so c_attn, c_proj and c_fc weights are transposed. The attn.bias / attn.masked_bias buffers of
-        older checkpoints are causal masks, not parameters, and are skipped.
+        The CONV1D_WEIGHTS are transposed to nn.Linear's (out, in). The attn.bias / attn.masked_bias
+        buffers of older checkpoints are causal masks, not parameters, and are skipped.
         """
         path = Path(path)
         config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: expected a Hugging Face GPT-2 folder")
-        hf = json.loads(config_file.read_text())
+        hf = read_config(path)
         for key, supported in [("activation_function", ("gelu_new", "gelu_pytorch_tanh")),
                                ("n_inner", (None, 4 * hf.get("n_embd", 0))),
                                ("scale_attn_by_inverse_layer_idx", (False,)),
@@ -389,28 +397,17 @@ class GPT(nn.Module):
         except KeyError as missing:
             raise ValueError(f"{config_file} has no {missing} entry: not a GPT-2 config") from None
 
-        if (path / "model.safetensors").is_file():
-            try:
-                from safetensors.torch import load_file
-            except ImportError:
-                raise ImportError(f"{path} holds model.safetensors: pip install safetensors, "
-                                  "or provide pytorch_model.bin instead") from None
-            checkpoint = load_file(str(path / "model.safetensors"))
-        elif (path / "pytorch_model.bin").is_file():
-            checkpoint = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        else:
-            raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+        checkpoint = load_folder(path)
 
         model = cls(config)
         ours = model.state_dict()
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         loaded = {}
         for name, tensor in checkpoint.items():
             if name.endswith((".attn.bias", ".attn.masked_bias")):
                 continue
             if not name.startswith("transformer.") and name != "lm_head.weight":
                 name = "transformer." + name  # the original OpenAI conversion has no prefix
-            loaded[name] = tensor.t() if name.endswith(conv1d) else tensor
+            loaded[name] = tensor.t() if name.endswith(cls.CONV1D_WEIGHTS) else tensor
         lm_head = loaded.pop("lm_head.weight", None)  # tied to wte: the same matrix when present
         missing = sorted(set(ours) - set(loaded) - {"lm_head.weight"})
         unexpected = sorted(set(loaded) - set(ours))
@@ -428,6 +425,35 @@ class GPT(nn.Module):
                                      f"expected {tuple(ours[name].shape)}")
                 ours[name].copy_(tensor)
         return model
+
+    def save_pretrained(self, path, eos_token_id=None):
+        """Write a folder that transformers' GPT2LMHeadModel loads: config.json + model.safetensors, each
+        atomically. The inverse of from_pretrained: the CONV1D_WEIGHTS go back to (in, out), and
+        lm_head.weight is left out (it is wte.weight, which transformers ties again on load).
+
+        eos_token_id goes to the config as GPT-2's bos and eos id (both <|endoftext|>); None means 50256
+        for GPT-2's own 50257-token vocabulary and no id for any other. A bias=False model is written
+        with zero biases, since GPT-2 has a bias in every Linear and LayerNorm: the same function, though
+        from_pretrained then gives it back as a bias=True model.
+        """
+        cfg = self.config
+        if eos_token_id is None and cfg.vocab_size == 50257:
+            eos_token_id = 50256
+        hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+                     "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
+                     "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+                     "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_eps,
+                     "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+                     "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                     "reorder_and_upcast_attn": False, "tie_word_embeddings": True,
+                     "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+        state = {name: tensor.t() if name.endswith(self.CONV1D_WEIGHTS) else tensor
+                 for name, tensor in self.state_dict().items() if name != "lm_head.weight"}
+        if not cfg.bias:
+            for name, module in self.named_modules():
+                if isinstance(module, (nn.Linear, nn.LayerNorm)) and module is not self.lm_head:
+                    state[f"{name}.bias"] = module.weight.new_zeros(module.weight.shape[0])
+        save_folder(path, hf_config, state)
 
 
 class GPTClassifier(nn.Module):

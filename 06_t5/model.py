@@ -16,18 +16,24 @@ What makes it T5 rather than the 2017 Transformer (03_transformer):
   d_model^-0.5 before it. v1.1: FFN(x) = (GELU_tanh(x W_i0) * x W_i1) W_o and an untied LM head.
 
 Parameter names match the Hugging Face checkpoints one to one (``encoder.block.0.layer.0.SelfAttention.q``),
-so ``T5.from_pretrained(folder)`` loads real T5 weights. Only torch and the standard library are used.
+so ``T5.from_pretrained(folder)`` loads real T5 weights and ``save_pretrained(folder)`` writes a folder that
+transformers loads. Only torch, the standard library and `common/safetensors.py` (the checkpoint format,
+without the `safetensors` package) are used.
 """
 
-import json
 import math
-import struct
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+from common.safetensors import load_folder, read_config, save_folder  # noqa: E402  (Hugging Face folders)
 
 
 @dataclass
@@ -537,17 +543,14 @@ class T5(nn.Module):
             results.append(max(hypotheses, key=lambda t: t[0])[1] if hypotheses else [])
         return results
 
-    # --- loading real checkpoints ----------------------------------------------------------------------
+    # --- Hugging Face checkpoint folders ----------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
         """Load a Hugging Face T5 folder (config.json + model.safetensors / pytorch_model.bin, or their
         sharded index). Works for v1.0 (t5-small...) and v1.1 (google/t5-v1_1-*, flan-t5-*)."""
         folder = Path(path)
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise ValueError(f"{config_path} not found: not a T5 checkpoint folder")
-        raw = json.loads(config_path.read_text())
+        raw = read_config(folder)
         names = {f.name for f in fields(T5Config)}
         kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
         # v1.1 configs say tie_word_embeddings=false. Newer transformers write tie_word_embeddings=true
@@ -555,7 +558,7 @@ class T5(nn.Module):
         kwargs["tie_word_embeddings"] = bool(raw.get("scale_decoder_outputs", raw.get("tie_word_embeddings", True)))
         kwargs.update(overrides)
         model = cls(T5Config(**kwargs))
-        state = load_state_dict(folder)
+        state = load_folder(folder)
         if not model.config.tie_word_embeddings and "lm_head.weight" not in state:
             state["lm_head.weight"] = state["shared.weight"]                          # saved tied: same values
         # copies of shared.weight, and a cross-attention bias old checkpoints carry but T5 never uses
@@ -577,56 +580,22 @@ class T5(nn.Module):
         model.load_state_dict({k: v.float() for k, v in state.items()})
         return model
 
+    def save_pretrained(self, path):
+        """Write a folder that transformers' T5ForConditionalGeneration loads: config.json (the fields of
+        T5Config, which are already Hugging Face's) + model.safetensors, each atomically.
+
+        The embedding is written once, as shared.weight: transformers ties encoder.embed_tokens and
+        decoder.embed_tokens to it on load, and lm_head too for v1.0. v1.1's own LM head is written as
+        lm_head.weight. tie_word_embeddings=false is how v1.1 configs say "no d_model^-0.5 rescale";
+        transformers 5 also writes that as scale_decoder_outputs, so the config carries both."""
+        cfg = self.config
+        hf_config = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "use_sdpa"}
+        hf_config.update(architectures=["T5ForConditionalGeneration"], model_type="t5", is_encoder_decoder=True,
+                         scale_decoder_outputs=cfg.tie_word_embeddings)
+        save_folder(path, hf_config, self.state_dict())
+
 
 def _strip(ids, eos_token_id):
     """Token ids up to (not including) the first EOS."""
     return ids[:ids.index(eos_token_id)] if eos_token_id in ids else ids
 
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    """A .safetensors file, read with the standard library: 8 bytes little-endian header length N, N bytes
-    of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the raw little-endian data."""
-    data = Path(path).read_bytes()
-    if len(data) < 8:
-        raise ValueError(f"{path}: not a safetensors file")
-    (header_length,) = struct.unpack("<Q", data[:8])
-    try:
-        header = json.loads(data[8:8 + header_length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: corrupt safetensors header ({err})") from None
-    body = memoryview(data)[8 + header_length:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        if end > len(body):
-            raise ValueError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
-        chunk = bytearray(body[begin:end])                                           # writable copy
-        flat = torch.frombuffer(chunk, dtype=dtype) if chunk else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(info["shape"])
-    return tensors
-
-
-def load_state_dict(folder):
-    """All tensors of a Hugging Face checkpoint folder (single file or sharded)."""
-    folder = Path(folder)
-    for single, reader in (("model.safetensors", read_safetensors),
-                           ("pytorch_model.bin", lambda p: torch.load(p, map_location="cpu", weights_only=True))):
-        if (folder / single).is_file():
-            return dict(reader(folder / single))
-        index = folder / (single + ".index.json")
-        if index.is_file():
-            state = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                state.update(reader(folder / shard))
-            return state
-    raise ValueError(f"{folder}: no model.safetensors or pytorch_model.bin found")

@@ -16,7 +16,7 @@ Everything slow happens once and is cached under `cache_dir()`: the standard-lib
 seconds), downloads ("shakespeare", "wikitext-2") and encoded token streams (`TokenCache`).
 
     text = load_corpus("pydocs")                          # str, documents separated by "\\n\\n"
-    tokens = TokenCache("pydocs", tokenizer, cache_dir)   # train.bin / val.bin, encoded once
+    tokens = TokenCache("pydocs", tokenizer)              # train.bin / val.bin, encoded once
     x, y = tokens.get_batch("train", batch_size=8, block_size=64, device="cpu")
     examples = load_task("docstring-module", "train")     # [{"text": ..., "label": "asyncio"}, ...]
 """
@@ -477,11 +477,12 @@ class TokenCache:
     text (a string with a newline: one document), or a list of documents. Documents are encoded in
     batches (tiktoken's threads) and joined with the tokenizer's "<|endoftext|>" id when it has one;
     a literal "<|endoftext|>" inside a document is read as that token too. The files live in
-    cache_dir/<key>/, where the key hashes the documents, tokenizer.fingerprint and val_fraction:
-    the same corpus and tokenizer reuse them, a change to either builds a new folder.
+    folder/<key>/ (default folder: cache_dir()/tokens), where the key hashes the documents,
+    tokenizer.fingerprint and val_fraction: the same corpus and tokenizer reuse them, a change to
+    either builds a new folder.
     """
 
-    def __init__(self, corpus, tokenizer, cache_dir=None, val_fraction=0.1):
+    def __init__(self, corpus, tokenizer, folder=None, val_fraction=0.1):
         if isinstance(corpus, (list, tuple)):
             documents = list(corpus)
         elif isinstance(corpus, str) and "\n" in corpus:
@@ -493,7 +494,7 @@ class TokenCache:
         self.corpus_sha256 = documents_sha256(documents)
         self.fingerprint = tokenizer.fingerprint
         key = hashlib.sha256(repr((CACHE_FORMAT, self.corpus_sha256, self.fingerprint, val_fraction)).encode()).hexdigest()
-        self.dir = Path(cache_dir or cache_dir() / "tokens") / key[:20]
+        self.dir = Path(folder or cache_dir() / "tokens") / key[:20]
         self.dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
         self.built = not (self.dir / "meta.json").exists()
         if self.built:
