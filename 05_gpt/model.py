@@ -1,14 +1,26 @@
-"""GPT-2 from scratch: a decoder-only Transformer language model, in pure PyTorch.
+"""GPT-2 from scratch, and the modern decoder it became (Llama, Qwen): one decoder-only Transformer language
+model, in pure PyTorch.
 
     h_0 = W_e[x] + W_p[position]                        token + learned position embeddings
     h_l = h_{l-1} + MultiHead(LN(h_{l-1}))              pre-LayerNorm causal self-attention
     h_l = h_l + FFN(LN(h_l))                            FFN(x) = GELU(x W_1 + b_1) W_2 + b_2, 4x wide
     p(x_t | x_<t) = softmax(LN(h_L) W_e^T)              LM head tied to the token embedding
 
-trained with L_LM = -sum_t log p(x_t | x_<t). Parameter names follow the Hugging Face GPT-2 checkpoints
-(`transformer.h.0.attn.c_attn.weight`...), so `GPT.from_pretrained` loads real GPT-2 weights and
-`save_pretrained` writes a folder that transformers' GPT2LMHeadModel loads (through `common/safetensors.py`,
-without the `safetensors` package).
+trained with L_LM = -sum_t log p(x_t | x_<t). That is GPT-2, the default `GPTConfig`. Five switches of the
+config turn it into Llama 3, SmolLM2, TinyLlama, Qwen2/2.5 or Qwen3, each one change of a later paper:
+
+    norm="rmsnorm"        LN -> RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g         Zhang & Sennrich 2019
+    pos="rope"            no W_p; q and k rotated by their position (RoPE)         Su et al. 2021
+    mlp="swiglu"          FFN(x) = W2 (silu(W1 x) * W3 x)                          Shazeer 2020
+    n_kv_head < n_head    grouped-query attention: K/V heads shared by query heads Ainslie et al. 2023
+    qk_norm=True          RMSNorm on q and k of each head (Qwen3)                  Dehghani et al. 2023
+    (and bias=False, qkv_bias, head_dim, tie_word_embeddings=False: which matrices have biases, how wide a
+    head is, whether the LM head is its own matrix)
+
+Parameter names follow the Hugging Face GPT-2 checkpoints (`transformer.h.0.attn.c_attn.weight`...), so
+`GPT.from_pretrained` loads real GPT-2 weights; Llama and Qwen checkpoints map onto the same names through
+one table (`GPT.hf_decoder_names`). `save_pretrained` writes a folder that transformers loads as either
+family (through `common/safetensors.py`, without the `safetensors` package).
 Generation keeps a KV cache: the prompt is run once, then each step feeds one new token.
 """
 
@@ -29,23 +41,68 @@ from common.safetensors import load_folder, read_config, save_folder  # noqa: E4
 
 @dataclass
 class GPTConfig:
-    block_size: int = 256         # longest sequence (number of learned positions)
+    block_size: int = 256         # longest sequence (number of learned positions; RoPE: max_position_embeddings)
     vocab_size: int = 1024        # token ids are 0 .. vocab_size - 1
     n_layer: int = 4              # Transformer blocks
     n_head: int = 4               # attention heads per block
-    n_embd: int = 256             # width d_model; each head gets d_k = n_embd / n_head
+    n_embd: int = 256             # width d_model; each head gets d_k = n_embd / n_head (unless head_dim)
     dropout: float = 0.0          # on embeddings, attention weights and residual branches
-    bias: bool = True             # biases in Linear and LayerNorm (GPT-2 has them)
+    bias: bool = True             # biases in Linear and LayerNorm (GPT-2 has them, Llama and Qwen do not)
     attn_impl: str = "sdpa"       # "sdpa" (fused F.scaled_dot_product_attention) or "explicit"
     layer_norm_eps: float = 1e-5  # GPT-2's epsilon
+    # The modern decoder (Llama, Qwen): each switch below is one change to GPT-2, whose values are the defaults
+    norm: str = "layernorm"               # "layernorm", or "rmsnorm": x / sqrt(mean(x^2) + eps) * g
+    rms_norm_eps: float = 1e-6            # RMSNorm's epsilon (Llama 3: 1e-5, Qwen: 1e-6)
+    pos: str = "learned"                  # "learned" (W_p), or "rope": q, k at position m turned by m theta^(-2i/d)
+    rope_theta: float = 10000.0           # RoPE's base theta (Llama 3: 500000)
+    rope_scaling: dict | None = None      # None, or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor",
+                                          #   "high_freq_factor", "original_max_position_embeddings"}
+    mlp: str = "gelu"                     # "gelu": GELU(x W_1) W_2, or "swiglu": W2 (silu(W1 x) * W3 x)
+    intermediate_size: int | None = None  # hidden width of the FFN; None: 4 n_embd
+    n_kv_head: int | None = None          # key/value heads (grouped-query attention); None: n_head; 1: multi-query
+    head_dim: int | None = None           # d_k of each head; None: n_embd / n_head (Qwen3: n_head d_k != n_embd)
+    qkv_bias: bool | None = None          # biases of W^Q, W^K, W^V; None: as `bias` (Qwen2: True with bias False)
+    qk_norm: bool = False                 # RMSNorm on q and k of each head, before RoPE (Qwen3)
+    tie_word_embeddings: bool = True      # LM head = W_e^T; False: a matrix of its own (Llama 3 8B, Qwen3 8B)
 
     def __post_init__(self):
-        if self.n_embd % self.n_head != 0:
+        if self.head_dim is None and self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.attn_impl not in ("sdpa", "explicit"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'explicit', got {self.attn_impl!r}")
+        for name, allowed in [("attn_impl", ("sdpa", "explicit")), ("norm", ("layernorm", "rmsnorm")),
+                              ("pos", ("learned", "rope")), ("mlp", ("gelu", "swiglu"))]:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0):
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.pos == "rope" and self.d_head % 2:
+            raise ValueError(f"RoPE rotates pairs of dimensions: head_dim ({self.d_head}) must be even")
+        if self.rope_scaling is not None:
+            scaling = dict(self.rope_scaling)
+            if self.pos != "rope" or scaling.pop("rope_type", None) != "llama3":
+                raise ValueError(f"rope_scaling {self.rope_scaling!r} is not supported: only pos='rope' with "
+                                 "rope_type 'llama3' (Llama 3's low-frequency rescaling)")
+            if sorted(scaling) != sorted(LLAMA3_SCALING_KEYS):
+                raise ValueError(f"rope_scaling of type 'llama3' needs exactly {', '.join(LLAMA3_SCALING_KEYS)}; "
+                                 f"got {', '.join(sorted(scaling))}")
+
+    # The defaults that depend on other fields, resolved where they are used (the fields stay None, so that
+    # dataclasses.replace(config, n_head=8) still means what it says).
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def d_head(self):
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def ffn_width(self):
+        return self.intermediate_size or 4 * self.n_embd
+
+
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def is_compiling():
@@ -57,9 +114,11 @@ def is_compiling():
 class KVCache:
     """Keys and values of every layer for the tokens processed so far.
 
-    `layers[i]` is None or a pair (k, v), each (B, n_head, T_past, d_k). A forward pass given a cache
-    appends its new keys and values in place, so the next call only feeds the new tokens. A cache can
-    also start pre-filled, e.g. with learned per-layer prefixes: `KVCache(n_layer, [(k0, v0), ...])`.
+    `layers[i]` is None or a pair (k, v), each (B, n_kv_head, T_past, d_k): with grouped-query attention the
+    cache holds only the K/V heads, n_head / n_kv_head times less memory than one per query head. Keys are
+    cached after RoPE, each rotated by its own position. A forward pass given a cache appends its new keys
+    and values in place, so the next call only feeds the new tokens. A cache can also start pre-filled,
+    e.g. with learned per-layer prefixes: `KVCache(n_layer, [(k0, v0), ...])`.
     """
 
     def __init__(self, n_layer, layers=None):
@@ -73,12 +132,88 @@ class KVCache:
         return 0 if self.layers[0] is None else self.layers[0][0].size(2)
 
     def update(self, layer_idx, k, v):
-        """Append this step's k, v (B, nh, T, hs) to layer `layer_idx`; return all keys and values."""
+        """Append this step's k, v (B, nkv, T, hs) to layer `layer_idx`; return all keys and values."""
         if self.layers[layer_idx] is not None:
             past_k, past_v = self.layers[layer_idx]
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         self.layers[layer_idx] = (k, v)
         return k, v
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g, over the last dimension (Zhang & Sennrich 2019).
+
+    LayerNorm without the mean subtraction and the bias: [3, 4] -> mean(x^2) = 12.5 -> [0.85, 1.13] (g = 1).
+    Computed in float32 and cast back before the gain, as Llama and Qwen do, so a bf16 model matches theirs.
+    """
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))             # g
+        self.eps = eps
+        self.normalized_shape = (dim,)                          # as nn.LayerNorm's, which chapter 07 reads
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def make_norm(config, dim):
+    """The block's normalisation: LayerNorm (GPT-2) or RMSNorm (Llama, Qwen)."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.rms_norm_eps)
+    return nn.LayerNorm(dim, eps=config.layer_norm_eps, bias=config.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings (RoPE, Su et al. 2021) in the Hugging Face half-split layout: dimension i
+    of a head is paired with i + d/2 (i < d/2), and the pair at position m is rotated by the angle m w_i,
+
+        RoPE(x, m)_i       = x_i cos(m w_i) - x_{i+d/2} sin(m w_i),        w_i = theta^(-2i/d)
+        RoPE(x, m)_{i+d/2} = x_{i+d/2} cos(m w_i) + x_i sin(m w_i),
+
+    i.e. RoPE(x, m) = x cos + rotate_half(x) sin with rotate_half([x1, x2]) = [-x2, x1]. Rotating q by m and
+    k by n leaves q_m . k_n = q^T R(n - m) k: attention scores depend on m - n only, and a cached key keeps
+    the rotation of its own position. The fast frequencies (w_0 = 1 rad per token) resolve nearby tokens,
+    the slow ones (wavelength 2 pi / w_i up to ~2 pi theta tokens) far ones.
+
+    Llama 3 (rope_scaling "llama3") stretches the context by dividing the slow frequencies by `factor`:
+    with L = original_max_position_embeddings, a wavelength above L / low_freq_factor is divided, one below
+    L / high_freq_factor is kept, and those in between interpolate, s = (L / wavelength - low_freq_factor)
+    / (high_freq_factor - low_freq_factor), w <- (1 - s) w / factor + s w.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        d = config.d_head
+        inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)   # w_i, (d/2,)
+        if config.rope_scaling is not None:
+            scaling = config.rope_scaling
+            factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+            L = scaling["original_max_position_embeddings"]
+            wavelength = 2 * math.pi / inv_freq
+            smooth = (L / wavelength - low) / (high - low)
+            interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+            inv_freq = torch.where(wavelength > L / low, inv_freq / factor,
+                                   torch.where(wavelength < L / high, inv_freq, interpolated))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)   # derived from the config, never saved
+
+    def forward(self, positions, dtype=torch.float32):
+        """positions (T,) or (B, T) -> (cos, sin), each (1 or B, 1, T, d): broadcast over the heads. The
+        angles are computed in float32; cos and sin are given in `dtype`, the residual stream's (as Llama)."""
+        angles = positions[..., None].float() * self.inv_freq.float()  # (.., T, d/2): m w_i
+        angles = torch.cat([angles, angles], dim=-1)                     # (.., T, d): i and i + d/2 share w_i
+        if angles.dim() == 2:
+            angles = angles[None]                                        # (1, T, d): the same for every row
+        return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    """x (B, h, T, d) rotated by the angles of its positions: x cos + rotate_half(x) sin."""
+    x1, x2 = x.chunk(2, dim=-1)                                          # (B, h, T, d/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)                               # rotate_half(x)
+    return x * cos + rotated * sin
 
 
 class CausalSelfAttention(nn.Module):
@@ -87,28 +222,50 @@ class CausalSelfAttention(nn.Module):
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, computed for h = n_head heads in parallel;
     MultiHead(x) = Concat(head_1, ..., head_h) W^O with head_i = Attention(x W_i^Q, x W_i^K, x W_i^V).
     W^Q, W^K, W^V of all heads are one matrix `c_attn` (n_embd -> 3 n_embd); W^O is `c_proj`.
+
+    Grouped-query attention (n_kv_head < n_head; Ainslie et al. 2023) has n_kv_head key/value heads, each
+    serving n_head / n_kv_head query heads: c_attn is n_embd -> (n_head + 2 n_kv_head) d_k, and the cache
+    stores n_kv_head heads. n_kv_head = 1 is multi-query attention, n_kv_head = n_head plain multi-head.
+    With RoPE, q and k are rotated by their positions (after QK-norm, when qk_norm: RMSNorm over the d_k
+    of each head, Qwen3), before k goes into the cache.
     """
 
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx  # which entry of a KVCache belongs to this layer
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.d_head
         self.attn_impl = config.attn_impl
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.qkv_sizes = [q_width, kv_width, kv_width]               # the rows of W^Q, W^K, W^V in c_attn
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+        self.c_attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=qkv_bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.uses_rope = config.pos == "rope"
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask=None, cache=None):
+    def forward(self, x, mask=None, cache=None, rope=None):
         """x: (B, T, C). mask: None for plain causal attention, else a bool (B or 1, 1, T, T_total)
-        tensor, True where a query may see a key (built once per forward by `GPT.causal_padding_mask`)."""
+        tensor, True where a query may see a key (built once per forward by `GPT.causal_padding_mask`).
+        rope: the (cos, sin) of the T new positions (from `GPT.rotary`), when the model uses RoPE."""
         B, T, C = x.shape                                        # batch, time, channels (d_model)
-        q, k, v = self.c_attn(x).split(C, dim=2)                 # one matmul for all three projections
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # q, k, v: (B, nh, T, hs)
+        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=2)    # one matmul for all three projections
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)            # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)                # QK-norm, per head over hs
+        if self.uses_rope:
+            if rope is None:
+                raise ValueError("this attention uses RoPE: pass rope=(cos, sin) of the positions")
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)    # rotate each by its own position
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)            # (B, nh, T_total, hs), T_total = T_past + T
+            k, v = cache.update(self.layer_idx, k, v)            # (B, nkv, T_total, hs), T_total = T_past + T
+        if self.n_kv_head != self.n_head:                        # each K/V head serves nh / nkv query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)   # (B, nh, T_total, hs)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         if self.attn_impl == "sdpa":
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
@@ -120,7 +277,7 @@ class CausalSelfAttention(nn.Module):
             att = att.masked_fill(~mask, float("-inf"))
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v                                          # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)        # concatenate the heads: (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # concatenate the heads
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -129,27 +286,47 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.ffn_width, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+class SwiGLU(nn.Module):
+    """The gated FFN of Llama and Qwen (Shazeer 2020): FFN(x) = W2 (silu(W1 x) * W3 x), silu(z) = z sigmoid(z).
+
+    The gate W1 and the up-projection W3 are one matrix c_fc = [W1; W3] (n_embd -> 2 intermediate_size),
+    one matmul as c_attn is for q, k, v; W2 is c_proj. Three matrices instead of GELU's two, so models keep
+    the parameter count with intermediate_size ~ 8/3 n_embd instead of 4 n_embd.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 2 * config.ffn_width, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_width, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)                 # W1 x, W3 x: (B, T, intermediate_size) each
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
 class Block(nn.Module):
-    """Pre-LN Transformer block: x = x + Attention(LN(x)); x = x + FFN(LN(x))."""
+    """Pre-LN Transformer block: x = x + Attention(LN(x)); x = x + FFN(LN(x)). LN is RMSNorm in the modern
+    decoder, FFN the SwiGLU one."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
-    def forward(self, x, mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, cache)
+    def forward(self, x, mask=None, cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), mask, cache, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -182,15 +359,18 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        learned = config.pos == "learned"
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),       # W_e, token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),       # W_p, learned positions
+            wpe=nn.Embedding(config.block_size, config.n_embd) if learned else None,  # W_p, learned positions
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+            ln_f=make_norm(config, config.n_embd),
         ))
+        self.rotary = None if learned else RotaryEmbedding(config)   # RoPE: no W_p, q and k are rotated
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying: the output layer is W_e^T
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying: the output layer is W_e^T
         # GPT-2 initialisation: N(0, 0.02), biases zero; the projections that write into the residual
         # stream get 0.02 / sqrt(2 n_layer), since 2 n_layer of them add up along the residual path.
         self.apply(self._init_weights)
@@ -206,10 +386,11 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_parameters(self, non_embedding=True):
-        """Number of parameters; non_embedding leaves out the position embeddings. The token embeddings
-        stay counted: tied to the LM head, they do the work of the output layer's matmul."""
+        """Number of parameters; non_embedding leaves out the position embeddings (none with RoPE). The
+        token embeddings stay counted: tied to the LM head, they do the work of the output layer's matmul."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        wpe = self.transformer.wpe
+        return n - wpe.weight.numel() if non_embedding and wpe is not None else n
 
     def num_flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L H Q T.
@@ -220,7 +401,7 @@ class GPT(nn.Module):
         """
         cfg = self.config
         T = seq_len or cfg.block_size
-        return 6 * self.num_parameters() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+        return 6 * self.num_parameters() + 12 * cfg.n_layer * cfg.n_head * cfg.d_head * T
 
     @staticmethod
     def causal_padding_mask(T, T_past, padding_mask, device):
@@ -243,9 +424,9 @@ class GPT(nn.Module):
     def forward_hidden(self, idx, attention_mask=None, cache=None):
         """Final hidden states LN(h_L), (B, T, C), for token ids idx (B, T).
 
-        attention_mask: optional (B, T_past + T), 1 for real tokens, 0 for padding; positions then
-        count real tokens only, so a left-padded row gets the same result as the unpadded one (the
-        outputs at padding positions are meaningless: give them target -100).
+        attention_mask: optional (B, T_past + T), 1 for real tokens, 0 for padding; positions (of W_p or
+        of RoPE) then count real tokens only, so a left-padded row gets the same result as the unpadded
+        one (the outputs at padding positions are meaningless: give them target -100).
         cache: optional KVCache, extended in place with this chunk's keys and values.
         """
         B, T = idx.shape
@@ -267,9 +448,14 @@ class GPT(nn.Module):
             # the i-th real token of a row sits at position i, however much padding precedes it
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, T_past:]  # (B, T)
         mask = self.causal_padding_mask(T, T_past, attention_mask, idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        x, rope = self.transformer.wte(idx), None                                   # (B, T, C)
+        if self.rotary is None:
+            x = x + self.transformer.wpe(positions)
+        else:
+            rope = self.rotary(positions, x.dtype)      # cos, sin of each position's angles, for every layer
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, mask, cache)
+            x = block(x, mask, cache, rope)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, attention_mask=None, cache=None, return_hidden=False):
@@ -372,17 +558,24 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dropout=0.0, attn_impl="sdpa"):
-        """Load a Hugging Face GPT-2 folder: config.json plus model.safetensors or pytorch_model.bin (or
-        the sharded index of either).
+        """Load a Hugging Face folder: config.json plus model.safetensors or pytorch_model.bin (or the
+        sharded index of either), of GPT-2 or of a modern decoder (model_type "llama": Llama 2/3,
+        SmolLM2, TinyLlama; "qwen2": Qwen2/2.5; "qwen3"), whose weights are read through the
+        `hf_decoder_names` table. Weights of any dtype (bf16, fp16, fp32) load into the float32 model.
 
-        The CONV1D_WEIGHTS are transposed to nn.Linear's (out, in). The attn.bias / attn.masked_bias
-        buffers of older checkpoints are causal masks, not parameters, and are skipped.
+        For GPT-2, the CONV1D_WEIGHTS are transposed to nn.Linear's (out, in). The attn.bias /
+        attn.masked_bias buffers of older checkpoints are causal masks, not parameters, and are skipped.
         """
         path = Path(path)
         config_file = path / "config.json"
         hf = read_config(path)
+        model_type = hf.get("model_type", "gpt2")      # the original OpenAI conversion has no model_type
+        if model_type in HF_DECODERS:
+            return cls._from_pretrained_decoder(path, hf, dropout, attn_impl)
+        if model_type != "gpt2":
+            raise ValueError(f"{config_file}: model_type={model_type!r} is not supported "
+                             f"(supported: gpt2, {', '.join(HF_DECODERS)})")
         for key, supported in [("activation_function", ("gelu_new", "gelu_pytorch_tanh")),
-                               ("n_inner", (None, 4 * hf.get("n_embd", 0))),
                                ("scale_attn_by_inverse_layer_idx", (False,)),
                                ("scale_attn_weights", (True,))]:
             if hf.get(key, supported[0]) not in supported:
@@ -393,7 +586,7 @@ class GPT(nn.Module):
                                vocab_size=hf["vocab_size"],
                                n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                                layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=dropout,
-                               bias=True, attn_impl=attn_impl)
+                               bias=True, attn_impl=attn_impl, intermediate_size=hf.get("n_inner"))
         except KeyError as missing:
             raise ValueError(f"{config_file} has no {missing} entry: not a GPT-2 config") from None
 
@@ -426,22 +619,119 @@ class GPT(nn.Module):
                 ours[name].copy_(tensor)
         return model
 
-    def save_pretrained(self, path, eos_token_id=None):
-        """Write a folder that transformers' GPT2LMHeadModel loads: config.json + model.safetensors, each
-        atomically. The inverse of from_pretrained: the CONV1D_WEIGHTS go back to (in, out), and
-        lm_head.weight is left out (it is wte.weight, which transformers ties again on load).
+    @classmethod
+    def _from_pretrained_decoder(cls, path, hf, dropout, attn_impl):
+        """from_pretrained for a Llama / Qwen2 / Qwen3 folder: its config, then each of our parameters
+        from the Hugging Face tensors `hf_decoder_names` lists (stacked along dim 0 where we fuse them)."""
+        model = cls(config_from_hf_decoder(hf, path / "config.json", dropout=dropout, attn_impl=attn_impl))
+        checkpoint = load_folder(path)
+        table = model.hf_decoder_names()
+        wanted = {hf_name for parts in table.values() for hf_name, _ in parts}
+        # A tied head stored anyway is ignored, as transformers ties it again; older checkpoints hold
+        # RoPE's inverse frequencies as a buffer, which we compute from the config.
+        ignored = {name for name in checkpoint if name.endswith("rotary_emb.inv_freq")}
+        if model.config.tie_word_embeddings:
+            ignored.add("lm_head.weight")
+        missing, unexpected = sorted(wanted - set(checkpoint)), sorted(set(checkpoint) - wanted - ignored)
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match a {hf['model_type']} of this config: missing {missing[:4]} "
+                             f"({len(missing)} in all), unexpected {unexpected[:4]} ({len(unexpected)} in all)")
+        ours = model.state_dict()
+        with torch.no_grad():
+            for name, parts in table.items():
+                for hf_name, rows in parts:
+                    expected = (rows or ours[name].shape[0], *ours[name].shape[1:])
+                    if tuple(checkpoint[hf_name].shape) != expected:
+                        raise ValueError(f"{path}: {hf_name} has shape {tuple(checkpoint[hf_name].shape)}, "
+                                         f"expected {expected}")
+                ours[name].copy_(torch.cat([checkpoint[hf_name] for hf_name, _ in parts]))
+        return model
 
-        eos_token_id goes to the config as GPT-2's bos and eos id (both <|endoftext|>); None means 50256
-        for GPT-2's own 50257-token vocabulary and no id for any other. A bias=False model is written
-        with zero biases, since GPT-2 has a bias in every Linear and LayerNorm: the same function, though
-        from_pretrained then gives it back as a bias=True model.
+    def hf_decoder_names(self):
+        """{our parameter name: [(Hugging Face name, rows), ...]}: the one table from which from_pretrained
+        and save_pretrained map a Llama / Qwen2 / Qwen3 checkpoint onto this model. Most of ours are one of
+        theirs (rows None: the whole tensor); c_attn and c_fc stack several along dim 0, each with its
+        number of rows, so that q, k, v (and gate, up) are one matmul here as in GPT-2:
+
+            transformer.h.0.attn.c_attn.weight <- [q_proj (nh d_k rows); k_proj (nkv d_k); v_proj (nkv d_k)]
+            transformer.h.0.mlp.c_fc.weight    <- [gate_proj (W1, intermediate_size rows); up_proj (W3, same)]
         """
         cfg = self.config
+        q_rows, kv_rows, ffn_rows = cfg.n_head * cfg.d_head, cfg.kv_heads * cfg.d_head, cfg.ffn_width
+        modules = {"transformer.wte": [("model.embed_tokens", None)], "transformer.ln_f": [("model.norm", None)],
+                   "lm_head": [("lm_head", None)]}
+        for i in range(cfg.n_layer):
+            ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+            modules.update({
+                ours + "ln_1": [(theirs + "input_layernorm", None)],
+                ours + "attn.c_attn": [(theirs + "self_attn.q_proj", q_rows),
+                                       (theirs + "self_attn.k_proj", kv_rows),
+                                       (theirs + "self_attn.v_proj", kv_rows)],
+                ours + "attn.q_norm": [(theirs + "self_attn.q_norm", None)],                 # Qwen3
+                ours + "attn.k_norm": [(theirs + "self_attn.k_norm", None)],
+                ours + "attn.c_proj": [(theirs + "self_attn.o_proj", None)],
+                ours + "ln_2": [(theirs + "post_attention_layernorm", None)],
+                ours + "mlp.c_fc": [(theirs + "mlp.gate_proj", ffn_rows), (theirs + "mlp.up_proj", ffn_rows)],
+                ours + "mlp.c_proj": [(theirs + "mlp.down_proj", None)],
+            })
+        names = {}
+        for name in self.state_dict():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue                                       # the same matrix as wte.weight
+            module, _, kind = name.rpartition(".")             # "transformer.h.0.attn.c_attn", "weight"
+            names[name] = [(f"{hf_module}.{kind}", rows) for hf_module, rows in modules[module]]
+        return names
+
+    def hf_family(self):
+        """The Hugging Face model_type this architecture is: "gpt2"; "llama" (RMSNorm, RoPE, SwiGLU, GQA, no
+        biases or biases everywhere); "qwen2" (the same with q, k, v biases alone); "qwen3" (with QK-norm, no
+        biases). A mix that no family has (RoPE with LayerNorm, GPT-2 with GQA...) is a ValueError."""
+        cfg = self.config
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+        switches = (cfg.norm, cfg.pos, cfg.mlp)
+        if switches == ("layernorm", "learned", "gelu"):
+            if (cfg.kv_heads == cfg.n_head and cfg.d_head * cfg.n_head == cfg.n_embd and not cfg.qk_norm
+                    and cfg.tie_word_embeddings):
+                return "gpt2"
+        elif switches == ("rmsnorm", "rope", "swiglu"):
+            if cfg.qk_norm and not qkv_bias and not cfg.bias:
+                return "qwen3"
+            if not cfg.qk_norm and qkv_bias and not cfg.bias:
+                return "qwen2"
+            if not cfg.qk_norm and qkv_bias == cfg.bias:
+                return "llama"
+        raise ValueError(f"no Hugging Face family has this architecture (norm={cfg.norm!r}, pos={cfg.pos!r}, "
+                         f"mlp={cfg.mlp!r}, n_kv_head={cfg.n_kv_head}, head_dim={cfg.head_dim}, bias={cfg.bias}, "
+                         f"qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}, "
+                         f"tie_word_embeddings={cfg.tie_word_embeddings}): it cannot be saved as one")
+
+    def save_pretrained(self, path, eos_token_id=None):
+        """Write a folder that transformers loads: config.json + model.safetensors, each atomically, as
+        GPT2LMHeadModel, or LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM for a modern decoder
+        (`hf_family` says which). The inverse of from_pretrained: the CONV1D_WEIGHTS go back to (in, out),
+        c_attn and c_fc are split back into the tensors `hf_decoder_names` lists, and a tied
+        lm_head.weight is left out (it is wte.weight, which transformers ties again on load).
+
+        eos_token_id goes to the config (for GPT-2 as its bos and eos id, both <|endoftext|>); None means
+        50256 for GPT-2's own 50257-token vocabulary and no id for any other. A GPT-2 with bias=False is
+        written with zero biases, since GPT-2 has a bias in every Linear and LayerNorm: the same function,
+        though from_pretrained then gives it back as a bias=True model.
+        """
+        cfg = self.config
+        family = self.hf_family()
+        if family != "gpt2":
+            ours, state = self.state_dict(), {}
+            for name, parts in self.hf_decoder_names().items():
+                tensor = ours[name]
+                pieces = tensor.split([rows for _, rows in parts]) if len(parts) > 1 else [tensor]
+                state.update({hf_name: piece.clone() for (hf_name, _), piece in zip(parts, pieces)})
+            save_folder(path, hf_decoder_config(cfg, family, eos_token_id), state)
+            return
         if eos_token_id is None and cfg.vocab_size == 50257:
             eos_token_id = 50256
         hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
                      "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
-                     "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+                     "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.intermediate_size,
                      "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_eps,
                      "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
                      "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
@@ -449,11 +739,97 @@ class GPT(nn.Module):
                      "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
         state = {name: tensor.t() if name.endswith(self.CONV1D_WEIGHTS) else tensor
                  for name, tensor in self.state_dict().items() if name != "lm_head.weight"}
-        if not cfg.bias:
-            for name, module in self.named_modules():
-                if isinstance(module, (nn.Linear, nn.LayerNorm)) and module is not self.lm_head:
-                    state[f"{name}.bias"] = module.weight.new_zeros(module.weight.shape[0])
+        for name, module in self.named_modules():          # GPT-2 has a bias everywhere: zeros where we have none
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is None and module is not self.lm_head:
+                state[f"{name}.bias"] = module.weight.new_zeros(module.weight.shape[0])
         save_folder(path, hf_config, state)
+
+
+# ------------------------------------------------------------------ Hugging Face Llama / Qwen2 / Qwen3 configs
+HF_DECODERS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def config_from_hf_decoder(hf, config_file, dropout=0.0, attn_impl="sdpa"):
+    """The GPTConfig of a Llama / Qwen2 / Qwen3 config.json (a dict). What the switches cannot express is a
+    ValueError naming the field: sliding windows in use, RoPE scaling other than Llama 3's, an activation
+    other than silu, bias combinations the family does not have. (MoE models have model_types of their own,
+    which from_pretrained refuses.)"""
+    family = hf["model_type"]
+
+    def refuse(key, why):
+        raise ValueError(f"{config_file}: {key}={hf.get(key)!r} is not supported ({why})")
+
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "SwiGLU here gates with silu")
+    if hf.get("use_sliding_window"):
+        refuse("use_sliding_window", "every layer attends to the whole context here")
+    if any(layer_type != "full_attention" for layer_type in hf.get("layer_types") or ()):
+        refuse("layer_types", "every layer attends to the whole context here")
+    # RoPE: the older rope_theta + rope_scaling, or transformers 5's rope_parameters (rope_scaling wins, as there)
+    rope_key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = dict(hf.get(rope_key) or {})
+    if any(isinstance(value, dict) for value in rope.values()):
+        refuse(rope_key, "one RoPE for all layers here")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        refuse(rope_key, f"rope_type {rope_type!r}; supported: 'default', 'llama3'")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        refuse(rope_key, "RoPE rotates the whole head here")
+    rope_scaling = None
+    if rope_type == "llama3":
+        rope.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        if any(rope.get(key) is None for key in LLAMA3_SCALING_KEYS):
+            refuse(rope_key, f"llama3 scaling needs {', '.join(LLAMA3_SCALING_KEYS)}")
+        rope_scaling = {"rope_type": "llama3", **{key: rope[key] for key in LLAMA3_SCALING_KEYS}}
+    # Biases: Qwen2 has them on q, k, v alone; Llama's attention_bias covers q, k, v, o and mlp_bias the
+    # MLP, so `bias` (o and the MLP) needs the two equal; Qwen3's MLP has none, so attention_bias must be off.
+    attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if family == "qwen2":
+        qkv_bias, bias = True, False
+    elif family == "llama" and attention_bias != mlp_bias:
+        refuse("attention_bias", f"with mlp_bias={mlp_bias}: `bias` is the output projection's and the MLP's")
+    elif family == "qwen3" and attention_bias:
+        refuse("attention_bias", "Qwen3 with attention biases and none in the MLP")
+    else:
+        qkv_bias = bias = attention_bias
+    try:
+        n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+        n_kv_head, ffn_width = hf.get("num_key_value_heads") or n_head, hf["intermediate_size"]
+        head_dim = hf.get("head_dim") or (128 if family == "qwen3" else n_embd // n_head)  # transformers' defaults
+        return GPTConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                         n_layer=hf["num_hidden_layers"], n_head=n_head, n_embd=n_embd, dropout=dropout,
+                         bias=bias, attn_impl=attn_impl, norm="rmsnorm", rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                         pos="rope", rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                         rope_scaling=rope_scaling, mlp="swiglu",
+                         # a field equal to its default stays None, so that a saved model loads back equal
+                         intermediate_size=None if ffn_width == 4 * n_embd else ffn_width,
+                         n_kv_head=None if n_kv_head == n_head else n_kv_head,
+                         head_dim=None if head_dim * n_head == n_embd else head_dim,
+                         qkv_bias=None if qkv_bias == bias else qkv_bias, qk_norm=family == "qwen3",
+                         tie_word_embeddings=hf.get("tie_word_embeddings", False))
+    except KeyError as missing:
+        raise ValueError(f"{config_file} has no {missing} entry: not a {family} config") from None
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from None
+
+
+def hf_decoder_config(cfg, family, eos_token_id=None):
+    """The config.json of a Llama / Qwen2 / Qwen3 `family` for GPTConfig `cfg`: the inverse of
+    config_from_hf_decoder. RoPE is written as rope_theta + rope_scaling, which transformers 4 and 5 read."""
+    hf = {"architectures": [HF_DECODERS[family]], "model_type": family, "vocab_size": cfg.vocab_size,
+          "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_width, "num_hidden_layers": cfg.n_layer,
+          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.d_head,
+          "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.rms_norm_eps,
+          "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+          "tie_word_embeddings": cfg.tie_word_embeddings, "attention_dropout": cfg.dropout,
+          "bos_token_id": None, "eos_token_id": eos_token_id}
+    if family == "llama":
+        hf.update(attention_bias=cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias, mlp_bias=cfg.bias)
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None)
+        if family == "qwen3":
+            hf["attention_bias"] = False
+    return hf
 
 
 class GPTClassifier(nn.Module):

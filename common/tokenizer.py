@@ -25,6 +25,7 @@ import hashlib
 import heapq
 import json
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -84,6 +85,17 @@ def merge_pair(ids, pair, new_id):
     return merged
 
 
+def read_json(path, what):
+    """The JSON in `path`; a missing file is a FileNotFoundError and anything but JSON a ValueError, each
+    naming the file as `what` ("tokenizer file", "tokenizer.json")."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a {what} (not valid JSON: {error})") from None
+
+
 def bytes_to_unicode():
     """GPT-2's reversible map from the 256 byte values to printable unicode characters.
 
@@ -106,13 +118,17 @@ def bytes_to_unicode():
 
 
 class BPETokenizer:
-    """A byte-level BPE tokenizer: `ranks` (token bytes -> id), a split pattern and special tokens."""
+    """A byte-level BPE tokenizer: `ranks` (token bytes -> id), a split pattern and special tokens; and
+    optionally a Unicode `normalizer` ("NFC", as Qwen's tokenizers) applied to the text before encoding."""
 
-    def __init__(self, ranks, pattern=GPT4_SPLIT_PATTERN, special_tokens=None, name="bpe"):
+    def __init__(self, ranks, pattern=GPT4_SPLIT_PATTERN, special_tokens=None, name="bpe", normalizer=None):
         self.ranks = dict(ranks)                                  # bytes -> id (= merge priority)
         self.pattern = pattern
         self.special_tokens = dict(special_tokens or {})          # "<|endoftext|>" -> id
         self.name = name
+        if normalizer not in (None, "NFC"):
+            raise ValueError(f"normalizer must be None or 'NFC', got {normalizer!r}")
+        self.normalizer = normalizer
         self.id_to_bytes = {i: b for b, i in self.ranks.items()}
         self.id_to_special = {i: s for s, i in self.special_tokens.items()}
         if len(self.id_to_bytes) != len(self.ranks):
@@ -262,14 +278,19 @@ class BPETokenizer:
                     )
         return allowed
 
+    def normalize(self, text):
+        """The text the merges see: NFC composes "e" + U+0301 into "é" for a tokenizer that asks for it."""
+        return unicodedata.normalize(self.normalizer, text) if self.normalizer else text
+
     def encode(self, text, allowed_special=()):
         """Text -> token ids (the fast tiktoken path)."""
+        text = self.normalize(text)
         allowed = self._check_special(text, allowed_special)
         return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
 
     def encode_batch(self, texts, allowed_special=(), num_threads=8):
         """Many texts -> lists of ids, encoded in parallel threads by tiktoken."""
-        texts = list(texts)
+        texts = [self.normalize(text) for text in texts]
         for text in texts:
             allowed = self._check_special(text, allowed_special)
         if not texts:
@@ -278,6 +299,7 @@ class BPETokenizer:
 
     def encode_reference(self, text, allowed_special=()):
         """Text -> token ids in plain Python: the algorithm that `encode` runs in Rust, step by step."""
+        text = self.normalize(text)
         allowed = self._check_special(text, allowed_special)
         ids = []
         parts = self._special_split.split(text) if self._special_split else [text]
@@ -341,7 +363,7 @@ class BPETokenizer:
         tokens = [None] * self.vocab_size
         for token, i in self.ranks.items():
             tokens[i] = base64.b64encode(token).decode("ascii")
-        return {
+        state = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "name": self.name,
@@ -349,6 +371,9 @@ class BPETokenizer:
             "special_tokens": self.special_tokens,
             "tokens": tokens,                     # tokens[id] = base64 of its bytes; null for special ids
         }
+        if self.normalizer:                       # only when set: other tokenizers' files and fingerprints stay
+            state["normalizer"] = self.normalizer
+        return state
 
     @property
     def fingerprint(self):
@@ -363,19 +388,15 @@ class BPETokenizer:
     @classmethod
     def load(cls, path):
         path = Path(path)
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"tokenizer file not found: {path}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not a tokenizer file (not valid JSON: {error})") from None
+        state = read_json(path, "tokenizer file")
         if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
             raise ValueError(f"{path} is not a {FORMAT_NAME} tokenizer file")
         if state.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path} has tokenizer format version {state.get('version')}, expected {FORMAT_VERSION}")
         try:
             ranks = {base64.b64decode(t, validate=True): i for i, t in enumerate(state["tokens"]) if t is not None}
-            return cls(ranks, pattern=state["pattern"], special_tokens=state["special_tokens"], name=state.get("name", "bpe"))
+            return cls(ranks, pattern=state["pattern"], special_tokens=state["special_tokens"],
+                       name=state.get("name", "bpe"), normalizer=state.get("normalizer"))
         except (KeyError, TypeError, ValueError, regex.error) as error:
             raise ValueError(f"{path} is a corrupt tokenizer file ({type(error).__name__}: {error})") from None
 
@@ -427,15 +448,29 @@ class BPETokenizer:
                    special_tokens=encoding._special_tokens, name=encoding_name)
 
     @classmethod
-    def from_hf(cls, vocab_json, merges_txt, pattern=GPT2_SPLIT_PATTERN, name="gpt2-hf"):
-        """GPT-2-format files: `vocab.json` (token -> id, bytes spelled by `bytes_to_unicode`) and
-        `merges.txt` (one "left right" merge per line, in priority order).
+    def from_hf(cls, path, merges_txt=None, pattern=None, name=None):
+        """A Hugging Face byte-level BPE vocabulary, from either of its two file layouts:
 
-        tiktoken's ranks are the ids, so the ids of merged tokens must increase in merge order (true of
-        GPT-2 and RoBERTa). Vocabulary entries that are neither a single byte nor made by a merge, like
-        "<|endoftext|>", become special tokens.
+            BPETokenizer.from_hf("Llama-3.2-1B")                         # a folder holding tokenizer.json
+            BPETokenizer.from_hf("Qwen3-0.6B/tokenizer.json")            # or the file itself
+            BPETokenizer.from_hf("gpt2/vocab.json", "gpt2/merges.txt")   # GPT-2's older pair of files
+
+        `tokenizer.json` is the one file of GPT-2, Llama 3, Qwen2/3 and SmolLM: it holds the split pattern
+        (its pre-tokenizer), the merges and the added tokens (see `from_tokenizer_json`). `vocab.json`
+        (token -> id, bytes spelled by `bytes_to_unicode`) and `merges.txt` (one "left right" merge per
+        line, in priority order) hold neither pattern nor specials: the text is split by `pattern`
+        (GPT-2's by default), and vocabulary entries that are neither a single byte nor made by a merge,
+        like "<|endoftext|>", become special tokens.
+
+        tiktoken's ranks are the ids, so the ids of merged tokens must not decrease in merge order (true
+        of all of these; see `ranks_from_merges`).
         """
-        byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+        if merges_txt is None:
+            if pattern is not None:
+                raise ValueError("a tokenizer.json has its own split pattern (its pre-tokenizer); "
+                                 "`pattern` is for vocab.json + merges.txt")
+            return cls.from_tokenizer_json(path, name=name or "hf")
+        vocab_json, name = path, name or "gpt2-hf"
         try:
             vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
             merge_lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
@@ -443,34 +478,165 @@ class BPETokenizer:
             raise FileNotFoundError(f"GPT-2 vocabulary file not found: {error.filename}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{vocab_json} is not a GPT-2 vocab.json ({error})") from None
-
-        def to_bytes(token):
-            try:
-                return bytes(byte_of[char] for char in token)
-            except KeyError:
-                return None                       # not byte-level text: a special token
-
-        ranks, merged_ids = {}, []
-        for token, i in vocab.items():
-            token_bytes = to_bytes(token)
-            if token_bytes is not None and len(token_bytes) == 1:
-                ranks[token_bytes] = i
+        merges = []
         for line_number, line in enumerate(merge_lines, 1):
             if not line.strip() or line.startswith("#version"):
                 continue
             parts = line.split()
             if len(parts) != 2 or parts[0] + parts[1] not in vocab:
                 raise ValueError(f"{merges_txt}:{line_number}: bad merge line {line!r}")
-            merged = parts[0] + parts[1]
-            ranks[to_bytes(merged)] = vocab[merged]
-            merged_ids.append(vocab[merged])
-        if len(ranks) - len(merged_ids) != 256:
-            raise ValueError(f"{vocab_json} does not hold all 256 byte tokens")
-        if any(b <= a for a, b in zip(merged_ids, merged_ids[1:])):
-            raise ValueError(f"{vocab_json}: merged token ids are not in merge order; tiktoken-style ranks need that")
+            merges.append(parts)
+        ranks = ranks_from_merges(vocab, merges, vocab_json)
         known_ids = set(ranks.values())
         special = {token: i for token, i in vocab.items() if i not in known_ids}
-        return cls(ranks, pattern=pattern, special_tokens=special, name=name)
+        return cls(ranks, pattern=pattern or GPT2_SPLIT_PATTERN, special_tokens=special, name=name)
+
+    @classmethod
+    def from_tokenizer_json(cls, path, name="hf"):
+        """The byte-level BPE of a Hugging Face `tokenizer.json` (or of the folder holding one):
+
+            "normalizer":    null, or NFC (Qwen2/3), applied before the split
+            "pre_tokenizer": how the text is cut into chunks before the merges, one regex in the end:
+                             ByteLevel(use_regex=true) alone splits by GPT-2's pattern (GPT-2); Split(regex,
+                             "Isolated") then ByteLevel(use_regex=false) by that regex (Llama 3, Qwen2/3);
+                             Digits(individual_digits) then ByteLevel(use_regex=true) by GPT-2's pattern with
+                             each digit a chunk of its own (SmolLM, StarCoder)
+            "model":         {"type": "BPE", "vocab": {token: id}, "merges": ["a b", ...] or [["a", "b"], ...],
+                             "ignore_merges": ...}; tiktoken looks a whole chunk up first, as ignore_merges=true
+            "added_tokens":  [{"id", "content", "special"...}]: special tokens here (special or not there:
+                             encoded as one id when allowed_special lets them through, as tiktoken does)
+
+        What ids cannot represent is a ValueError naming it: a normalizer that changes text otherwise (NFKC,
+        lowercasing, SentencePiece's "▁"), a model that is not byte-level BPE (WordPiece, byte_fallback,
+        subword prefixes), another pre-tokenizer, added tokens that strip whitespace around them. The
+        post-processor (Llama 3's <|begin_of_text|> in front) is not applied: ids are the text's own, as
+        `encode(text, add_special_tokens=False)` gives them.
+        """
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        spec = read_json(file, "tokenizer.json")
+        if not isinstance(spec, dict) or spec.get("format") == FORMAT_NAME:
+            raise ValueError(f"{file} is not a Hugging Face tokenizer.json"
+                             + (" (it is this repository's own format: BPETokenizer.load reads it)"
+                                if isinstance(spec, dict) else ""))
+
+        def refuse(what):
+            raise ValueError(f"{file}: {what}, which tiktoken-style byte-level BPE cannot represent")
+
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE":
+            refuse(f"model type {model.get('type')!r} (only BPE)")
+        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
+            if model.get(key):
+                refuse(f"model.{key}={model[key]!r}")
+        normalizer = spec.get("normalizer")
+        steps = [normalizer] if normalizer else []
+        if normalizer and normalizer.get("type") == "Sequence":
+            steps = normalizer.get("normalizers") or []
+        kinds = [step.get("type") for step in steps]
+        if kinds not in ([], ["NFC"]):
+            refuse(f"the normalizer {kinds} (only none or NFC)")
+        pattern = pattern_of_pre_tokenizer(spec.get("pre_tokenizer"), refuse)
+        vocab = model.get("vocab")
+        merges = [merge.split(" ") if isinstance(merge, str) else merge for merge in model.get("merges") or []]
+        if not isinstance(vocab, dict) or not all(isinstance(merge, list) and len(merge) == 2 for merge in merges):
+            refuse("a model without a vocab or with merges that are not pairs")
+        ranks = ranks_from_merges(vocab, merges, file)
+        mergeable_ids, special = set(ranks.values()), {}
+        for token in spec.get("added_tokens") or []:
+            if any(token.get(flag) for flag in ("lstrip", "rstrip", "single_word")):
+                refuse(f"the added token {token['content']!r} with lstrip, rstrip or single_word")
+            if token["id"] in mergeable_ids:
+                refuse(f"the added token {token['content']!r}, also an ordinary BPE token")
+            special[token["content"]] = token["id"]
+        known_ids = mergeable_ids | set(special.values())
+        orphans = sorted(token for token, i in vocab.items() if i not in known_ids)
+        if orphans:
+            refuse(f"{len(orphans)} vocabulary entries that no merge makes and no added token names "
+                   f"({orphans[:3]})")
+        try:
+            return cls(ranks, pattern=pattern, special_tokens=special, name=name,
+                       normalizer="NFC" if kinds else None)
+        except regex.error as error:
+            refuse(f"the split regex {pattern!r} ({error})")
 
     def __repr__(self):
         return f"BPETokenizer(name={self.name!r}, vocab_size={self.vocab_size}, special_tokens={len(self.special_tokens)})"
+
+
+# ----------------------------------------------------------------------------- Hugging Face tokenizers
+# Digits(individual_digits=True) then GPT-2's pattern on each stretch between the digits (SmolLM's
+# pre-tokenizer), as one regex: a digit is a chunk alone, no other branch takes one (GPT-2's " ?\p{N}+" is
+# gone), and where GPT-2 asks "(?!\S)" (end of the stretch) a digit also ends it.
+DIGITS_GPT2_SPLIT_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+
+# The bytes no UTF-8 text holds (overlong leads and leads beyond U+10FFFF): a vocabulary may lack them.
+NEVER_IN_UTF8 = {0xC0, 0xC1, *range(0xF5, 0x100)}
+
+
+def ranks_from_merges(vocab, merges, source):
+    """tiktoken ranks {token bytes: id} from a Hugging Face byte-level vocabulary {token: id} and its merges
+    [(left, right), ...] in priority order: the single bytes, then what each merge makes.
+
+    Hugging Face's BPE applies the pair that comes first in `merges`; tiktoken the pair whose concatenation
+    has the lowest rank. They agree when ranks grow with merge priority, so the ids of the merged tokens
+    must not decrease along `merges`; several merges may make one token (files converted from tiktoken
+    list every split of each token: ("Ġth", "e"), ("Ġt", "he") and ("Ġ", "the") all make "Ġthe").
+    tiktoken would also merge a pair that no merge lists if its concatenation is a token; merge lists
+    made by BPE training, or listing every split, do not let such a pair meet (tests/test_common_tokenizer.py
+    checks both kinds against the `tokenizers` library).
+    """
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+
+    def to_bytes(token):
+        try:
+            return bytes(byte_of[char] for char in token)
+        except (KeyError, TypeError):
+            return None                           # not byte-level text
+
+    ranks = {}
+    for token, i in vocab.items():
+        if len(to_bytes(token) or b"") == 1:
+            ranks[to_bytes(token)] = i
+    missing = sorted(set(range(256)) - {token[0] for token in ranks} - NEVER_IN_UTF8)
+    if missing:
+        raise ValueError(f"{source} does not hold all 256 byte tokens (none for the bytes {missing[:8]}): "
+                         "text holding them cannot be encoded")
+    previous = -1
+    for number, (left, right) in enumerate(merges, 1):
+        merged = to_bytes(left + right)
+        if left not in vocab or right not in vocab or left + right not in vocab or merged is None:
+            raise ValueError(f"{source}: merge {number} ({left!r} {right!r}) needs both parts and their "
+                             "concatenation in the byte-level vocabulary")
+        if vocab[left + right] < previous:
+            raise ValueError(f"{source}: merged token ids are not in merge order (merge {number}, {left!r} "
+                             f"{right!r}, makes id {vocab[left + right]} after id {previous}); tiktoken-style "
+                             "ranks need that")
+        previous = ranks[merged] = vocab[left + right]
+    return ranks
+
+
+def pattern_of_pre_tokenizer(pre_tokenizer, refuse):
+    """The one split regex of a tokenizer.json pre-tokenizer (see `BPETokenizer.from_tokenizer_json`);
+    `refuse(what)` raises for what has none."""
+    steps = [pre_tokenizer] if pre_tokenizer else []
+    if pre_tokenizer and pre_tokenizer.get("type") == "Sequence":
+        steps = pre_tokenizer.get("pretokenizers") or []
+    kinds = [step.get("type") for step in steps]
+    if not kinds or kinds[-1] != "ByteLevel":
+        refuse(f"the pre-tokenizer {kinds} (not byte-level: it must end in ByteLevel)")
+    byte_level = steps[-1]
+    if byte_level.get("add_prefix_space"):
+        refuse("ByteLevel(add_prefix_space=true)")
+    gpt2_regex = byte_level.get("use_regex", True)
+    if kinds == ["ByteLevel"] and gpt2_regex:
+        return GPT2_SPLIT_PATTERN
+    if kinds == ["Digits", "ByteLevel"] and gpt2_regex and steps[0].get("individual_digits"):
+        return DIGITS_GPT2_SPLIT_PATTERN
+    if kinds == ["Split", "ByteLevel"] and not gpt2_regex:
+        split = steps[0]
+        if not ("Regex" in (split.get("pattern") or {}) and split.get("behavior") == "Isolated"
+                and not split.get("invert")):
+            refuse(f"the Split {split} (only a Regex pattern, behavior Isolated, not inverted)")
+        return split["pattern"]["Regex"]
+    refuse(f"the pre-tokenizer {kinds} (use_regex={gpt2_regex})")

@@ -280,3 +280,188 @@ def test_from_tiktoken_wraps_the_encoding(monkeypatch):
     assert tok.vocab_size == 258
     assert tok.encode("abab") == local.encode("abab") == [256, 256]
     assert tok.special_tokens == {EOT: 257}
+
+
+# --------------------------------------------------------------------- Hugging Face tokenizer.json
+# The split regexes of Llama 3 and of Qwen2/3, as their tokenizer.json files write them.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+
+TOKENIZER_TEXTS = [
+    *ADVERSARIAL,
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\n\tif x  >=  10_000: pass\r\n",
+    "   leading, trailing and   inner   spaces   ",
+    "\n\n\n  \t \u3000 mixed whitespace \u00a0\u2003 runs \n \n",
+    "digits 0 12 345 6789 012345678 3.14159 1e-9 ٣٤٥ ۱۲ 一二",
+    "I'M sure they'LL say it's fine; DON'T you THINK? we'd've",
+    f"first{EOT}second <|im_start|>user\nhi<|im_end|> <tool_call>x</tool_call>",
+]
+
+
+def hf_tokenizer_json(tokenizers, folder, style, text):
+    """Train a small byte-level BPE with the `tokenizers` library, as one of the families does it, and save
+    its tokenizer.json: GPT-2 (ByteLevel's own regex), Llama 3 (Split + ByteLevel), Qwen (the same with NFC)
+    or SmolLM (Digits + ByteLevel)."""
+    pre = tokenizers.pre_tokenizers
+    byte_level = pre.ByteLevel(add_prefix_space=False, use_regex=style in ("gpt2", "smollm"))
+    steps = {"gpt2": [], "smollm": [pre.Digits(individual_digits=True)],
+             "llama3": [pre.Split(tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated")],
+             "qwen": [pre.Split(tokenizers.Regex(QWEN_PATTERN), behavior="isolated")]}[style]
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(ignore_merges=style == "llama3"))
+    tokenizer.pre_tokenizer = pre.Sequence([*steps, byte_level]) if steps else byte_level
+    if style == "qwen":
+        tokenizer.normalizer = tokenizers.normalizers.NFC()
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=700, special_tokens=[EOT, "<|im_start|>", "<|im_end|>"],
+                                             initial_alphabet=pre.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([text], trainer)
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"])          # added tokens that are not special
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return tokenizer
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama3", "qwen", "smollm"])
+def test_from_hf_tokenizer_json_matches_the_tokenizers_library(tmp_path, style):
+    """Our ids (tiktoken, and the Python reference) equal the `tokenizers` library's on arbitrary text, for
+    a tokenizer.json of each pre-tokenizer family; merges written as pairs and as "a b" strings."""
+    tokenizers = reference("tokenizers")
+    theirs = hf_tokenizer_json(tokenizers, tmp_path, style, sample_text()[:60_000])
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert isinstance(spec["model"]["merges"][0], list)
+    rng = random.Random(0)
+    texts = TOKENIZER_TEXTS + [random_unicode(rng, rng.randint(0, 80)) for _ in range(200)]
+    ours = BPETokenizer.from_hf(tmp_path)
+    spec["model"]["merges"] = [" ".join(pair) for pair in spec["model"]["merges"]]   # the older spelling
+    (tmp_path / "strings.json").write_text(json.dumps(spec))
+    assert BPETokenizer.from_hf(tmp_path / "strings.json").ranks == ours.ranks
+    assert ours.special_tokens == {token.content: i for i, token in theirs.get_added_tokens_decoder().items()}
+    for text in texts:
+        expected = theirs.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, allowed_special="all") == expected, repr(text[:60])
+        assert ours.encode_reference(text, allowed_special="all") == expected, repr(text[:60])
+        assert ours.decode(expected) == ours.normalize(text)
+    assert ours.encode_batch(texts[:20], allowed_special="all") == [
+        encoding.ids for encoding in theirs.encode_batch(texts[:20], add_special_tokens=False)]
+    if style == "qwen":                                           # NFC: e + U+0301 is encoded as é
+        unnormalized = BPETokenizer(ours.ranks, ours.pattern)
+        assert ours.encode("cafe\u0301") == ours.encode("café") != unnormalized.encode("cafe\u0301")
+
+
+def test_from_hf_tokenizer_json_converted_from_tiktoken_ranks(tmp_path):
+    """A tokenizer.json written from tiktoken ranks (as Llama 3's and Qwen's were: every split of each
+    token is a merge, so several merges make one token) loads back to the same ranks and ids."""
+    tokenizers = reference("tokenizers")
+    original = BPETokenizer.train(sample_text()[:30_000], vocab_size=400, special_tokens=(EOT,))   # GPT-4's pattern
+    spell = bytes_to_unicode()
+    text_of = {token: "".join(spell[b] for b in token) for token in original.ranks}
+    merges = []
+    for token, rank in sorted(original.ranks.items(), key=lambda item: item[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))
+                  if token[:i] in original.ranks and token[i:] in original.ranks]
+        splits.sort(key=lambda split: (original.ranks[split[0]], original.ranks[split[1]]))
+        merges += [[text_of[left], text_of[right]] for left, right in splits]
+    assert len(merges) > len(original.ranks) - 256                # more merges than merged tokens
+    spec = {"version": "1.0", "normalizer": None, "post_processor": None, "decoder": None,
+            "added_tokens": [{"id": 399, "content": EOT, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True}],
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": original.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {text_of[token]: rank for token, rank in original.ranks.items()}, "merges": merges}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    ours = BPETokenizer.from_hf(tmp_path / "tokenizer.json")
+    assert ours.ranks == original.ranks and ours.special_tokens == original.special_tokens
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    rng = random.Random(1)
+    for text in TOKENIZER_TEXTS + [random_unicode(rng, rng.randint(0, 80)) for _ in range(100)]:
+        expected = theirs.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, allowed_special="all") == expected, repr(text[:60])
+
+
+def write_tokenizer_json(folder, **changes):
+    """A hand-made GPT-2-style tokenizer.json (write_gpt2_format's 256 bytes, 4 merges and <|endoftext|>)."""
+    vocab = write_gpt2_format(folder)
+    merges = [line.split(" ") for line in (folder / "merges.txt").read_text().splitlines()[1:]]
+    spec = {"version": "1.0", "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            "added_tokens": [{"id": vocab[EOT], "content": EOT, "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True}],
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "ignore_merges": False,
+                      "vocab": vocab, "merges": merges}}
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            spec[section][field] = value
+        else:
+            spec[section] = value
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return vocab
+
+
+def test_from_hf_tokenizer_json_equals_the_vocab_and_merges_files(tmp_path):
+    vocab = write_tokenizer_json(tmp_path)
+    from_json = BPETokenizer.from_hf(tmp_path)
+    from_pair = BPETokenizer.from_hf(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    assert from_json.ranks == from_pair.ranks
+    assert from_json.special_tokens == from_pair.special_tokens == {EOT: vocab[EOT]}
+    assert from_json.pattern == GPT2_SPLIT_PATTERN and from_json.normalizer is None
+    assert from_json.encode(" then he") == [vocab["Ġthen"], vocab["Ġ"], vocab["he"]]
+    from_json.save(tmp_path / "ours.json")
+    assert BPETokenizer.load(tmp_path / "ours.json").fingerprint == from_json.fingerprint == from_pair.fingerprint
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(model__type="WordPiece"), "model type 'WordPiece'"),
+    (dict(model__byte_fallback=True), "model.byte_fallback=True"),
+    (dict(model__continuing_subword_prefix="##"), "model.continuing_subword_prefix='##'"),
+    (dict(normalizer={"type": "Lowercase"}), r"normalizer \['Lowercase'\]"),
+    (dict(normalizer={"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                          {"type": "Replace"}]}), r"normalizer \['Prepend', 'Replace'\]"),
+    (dict(pre_tokenizer={"type": "Whitespace"}), "not byte-level"),
+    (dict(pre_tokenizer={"type": "Metaspace", "replacement": "▁"}), "not byte-level"),
+    (dict(pre_tokenizer={"type": "ByteLevel", "add_prefix_space": True}), "add_prefix_space"),
+    (dict(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"String": " "}, "behavior": "Removed"},
+        {"type": "ByteLevel", "use_regex": False}]}), "only a Regex pattern, behavior Isolated"),
+    (dict(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Isolated"},
+        {"type": "ByteLevel", "use_regex": True}]}), "use_regex=True"),
+    (dict(model__merges=[["h", "e"], ["Ġ", "t"]]), "not in merge order"),
+    (dict(model__merges=[["Ġ", "x"]]), "needs both parts"),
+    (dict(added_tokens=[{"id": 256, "content": "Ġt", "special": True}]), "also an ordinary BPE token"),
+    (dict(added_tokens=[{"id": 260, "content": EOT, "special": True, "lstrip": True}]), "lstrip"),
+    (dict(added_tokens=[]), r"1 vocabulary entries that no merge makes.*endoftext"),
+])
+def test_from_hf_tokenizer_json_rejects_what_ids_cannot_represent(tmp_path, changes, message):
+    write_tokenizer_json(tmp_path, **changes)
+    with pytest.raises(ValueError, match=message) as error:
+        BPETokenizer.from_hf(tmp_path)
+    assert "tokenizer.json" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_from_hf_tokenizer_json_names_missing_and_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
+        BPETokenizer.from_hf(tmp_path)
+    BPETokenizer.train("hello world " * 20, vocab_size=260).save(tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match="BPETokenizer.load reads it"):
+        BPETokenizer.from_hf(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{ truncated")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        BPETokenizer.from_hf(tmp_path)
+    with pytest.raises(ValueError, match="own split pattern"):
+        BPETokenizer.from_hf(tmp_path, pattern=GPT2_SPLIT_PATTERN)
+
+
+def test_nfc_normalizer_is_saved_and_loaded(tmp_path):
+    ranks = {bytes([b]): b for b in range(256)}
+    tok = BPETokenizer(ranks, normalizer="NFC")
+    assert tok.encode("e\u0301") == tok.encode("é") == list("é".encode())
+    tok.save(tmp_path / "t.json")
+    loaded = BPETokenizer.load(tmp_path / "t.json")
+    assert loaded.normalizer == "NFC" and loaded.fingerprint == tok.fingerprint != BPETokenizer(ranks).fingerprint
+    assert "normalizer" not in BPETokenizer(ranks).to_dict()          # others' files and fingerprints unchanged
+    with pytest.raises(ValueError, match="normalizer must be None or 'NFC'"):
+        BPETokenizer(ranks, normalizer="NFKC")

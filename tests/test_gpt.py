@@ -3,6 +3,7 @@ filters, the optimizer groups, loading Hugging Face GPT-2 folders) and the recip
 stage, resumes exactly after Ctrl-C, runs under 2-process DDP, masks prompt tokens, rejects bad input with
 one line)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -382,8 +383,8 @@ def test_from_pretrained_hand_made_folder_gives_identical_logits(tmp_path, prefi
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
-def test_from_pretrained_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+def test_from_pretrained_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="config.json not found"):
         gpt.GPT.from_pretrained(tmp_path)
     state = write_gpt2_folder(make_model(), tmp_path)
     del state["transformer.h.1.mlp.c_fc.bias"]
@@ -392,36 +393,36 @@ def test_from_pretrained_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"missing \['transformer.h.1.mlp.c_fc.bias'\].*mlp.extra"):
         gpt.GPT.from_pretrained(tmp_path)
     (tmp_path / "pytorch_model.bin").unlink()
-    with pytest.raises(FileNotFoundError, match="neither"):
+    with pytest.raises(ValueError, match="no model.safetensors or pytorch_model.bin"):
         gpt.GPT.from_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").write_bytes(b"not read")
-    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if the package were not installed
-    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    with pytest.raises(ImportError, match="pip install safetensors"):
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ValueError, match="model.safetensors: corrupt safetensors header"):
         gpt.GPT.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("file_format", ["safetensors", "bin"])
+@pytest.mark.parametrize("file_format", ["safetensors", "sharded", "bin"])
 def test_from_pretrained_matches_transformers_gpt2(tmp_path, file_format):
     transformers = reference("transformers")
-    if file_format == "safetensors":
-        pytest.importorskip("safetensors")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100,
                                      bos_token_id=0, eos_token_id=0)
-    reference = transformers.GPT2LMHeadModel(config).eval()
+    theirs = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
-        for p in reference.parameters():
+        for p in theirs.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # move the logits away from uniform
     if file_format == "safetensors":
-        reference.save_pretrained(tmp_path)
+        theirs.save_pretrained(tmp_path)
         assert (tmp_path / "model.safetensors").is_file()
+    elif file_format == "sharded":  # wte alone is 12.8 kB: several shards and an index
+        theirs.save_pretrained(tmp_path, max_shard_size="20kB")
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     else:  # the older format; recent transformers only writes safetensors, so save the state dict
         config.save_pretrained(tmp_path)
-        torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+        torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
     idx = torch.randint(0, 100, (3, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = reference(idx).logits
+        expected = theirs(idx).logits
     for attn_impl in ("sdpa", "explicit"):
         ours = gpt.GPT.from_pretrained(tmp_path, attn_impl=attn_impl).eval()
         assert (ours(idx)[0] - expected).abs().max().item() < 1e-5, attn_impl
@@ -499,6 +500,11 @@ def test_sample_stage_and_too_long_prompt(tiny_run, train, capsys):
     report = train.main(["--preset", "tiny", "--out_dir", str(out_dir), "--stage", "sample", "--prompt", "def ",
                          "--num_samples", "2"])
     assert len(report["samples"]) == 2 and all(s.startswith("def ") for s in report["samples"])
+    # the stage replaced the samples in report.json and kept what it did not run
+    saved = json.loads((out_dir / "report.json").read_text())
+    assert saved["samples"] == report["samples"]
+    assert set(saved["finetune"]) == {"python-qa", "docstring-module"} and saved["pretrain"]["iters"] == 20
+    assert report["finetune"] == saved["finetune"]                # what it printed is the merged report
     with pytest.raises(SystemExit) as exit_info:
         train.run_main(train.main, ["--preset", "tiny", "--out_dir", str(out_dir), "--stage", "sample",
                                     "--prompt", "word " * 100])
@@ -562,34 +568,93 @@ def test_macro_f1_on_a_hand_checked_case(train):
     assert macro_f1 == pytest.approx((0.8 + 2 / 3) / 2)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--n_layr", "2"], "unknown flag --n_layr"),
-    (["--preset", "huge"], "unknown preset 'huge'"),
-    (["--n_embd", "30", "--n_head", "4"], "n_embd (30) must be divisible by n_head (4)"),
-    (["--data", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
-    (["--tasks", "summarise"], "unknown task 'summarise'"),
-])
-def test_bad_input_is_one_line_and_nonzero_exit(train, capsys, tmp_path, args, message, cache):
+def one_line_error(train, capsys, args):
+    """Run main on `args` as the command line would; return the one error line (exit status 2)."""
     with pytest.raises(SystemExit) as exit_info:
-        train.run_main(train.main, ["--preset", "tiny", "--out_dir", str(tmp_path), *args])
-    assert exit_info.value.code != 0
+        train.run_main(train.main, args)
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
 
 
-def test_checkpoint_of_another_config_is_rejected(tiny_run, train, capsys, tmp_path):
+def test_presets_flags_and_out_dirs(train):
+    """The shared flags exist; `default` is the config as written, in out/05_gpt; any other preset writes
+    to its own folder, so the smoke test never touches the default run."""
+    shared = ("stage data out_dir resume init_from device dtype compile seed vocab_size batch_size max_iters lr "
+              "warmup_iters weight_decay grad_clip eval_interval eval_iters log_interval ft_iters ft_batch_size "
+              "ft_lr task").split()
+    assert set(shared) <= {field.name for field in dataclasses.fields(train.Config)}
+    assert set(train.PRESETS) == {"tiny", "default", "gpt2-124m"}
+    assert train.parse_config(train.Config, train.PRESETS, []) == train.Config()
+    assert train.Config().out_dir == "out/05_gpt"
+    assert train.parse_config(train.Config, train.PRESETS, ["--preset", "tiny"]).out_dir == "out/05_gpt-tiny"
+    assert train.parse_config(train.Config, train.PRESETS, ["--preset", "gpt2-124m"]).out_dir == "out/05_gpt-gpt2-124m"
+
+
+def test_a_run_of_another_shape_is_refused_in_a_finished_runs_folder(tiny_run, train, capsys):
     out_dir, _ = tiny_run
-    (tmp_path / "ckpt.pt").write_bytes((out_dir / "ckpt.pt").read_bytes())
-    for name in ("tokenizer.json", "tokenizer.data"):
+    before = {path.name: path.stat().st_mtime_ns for path in out_dir.iterdir()}
+    err = one_line_error(train, capsys, ["--preset", "tiny", "--device", "cpu", "--out_dir", str(out_dir),
+                                         "--n_layer", "2"])
+    assert "n_layer 1 (now 2)" in err and "--out_dir" in err
+    assert {path.name: path.stat().st_mtime_ns for path in out_dir.iterdir()} == before   # nothing written
+
+
+def test_checkpoint_or_tokenizer_of_another_run_is_one_line(tiny_run, train, capsys, tmp_path):
+    out_dir, _ = tiny_run
+    for name in ("ckpt.pt", "tokenizer.json"):
         (tmp_path / name).write_bytes((out_dir / name).read_bytes())
-    with pytest.raises(SystemExit):
-        train.run_main(train.main, ["--preset", "tiny", "--out_dir", str(tmp_path), "--stage", "pretrain",
-                                    "--resume", "--n_embd", "64"])
-    assert "was saved for another model config" in capsys.readouterr().err
+    tiny = ["--preset", "tiny", "--device", "cpu", "--out_dir", str(tmp_path)]
+    err = one_line_error(train, capsys, [*tiny, "--stage", "pretrain", "--resume", "--n_embd", "64"])
+    assert "was saved for another model config" in err
+    (tmp_path / "tokenizer.json").write_text('{"format": "llm-from-scratch/bpe", "tokens": [')
+    assert "not a tokenizer file" in one_line_error(train, capsys, [*tiny, "--stage", "sample"])
+    other = train.BPETokenizer.train(["another corpus altogether, another tokenizer"], 260, special_tokens=(train.EOT,))
+    other.save(tmp_path / "tokenizer.json")
+    assert "is not the tokenizer" in one_line_error(train, capsys, [*tiny, "--stage", "finetune"])
     (tmp_path / "ckpt.pt").write_bytes(b"garbage")
-    with pytest.raises(SystemExit):
-        train.run_main(train.main, ["--preset", "tiny", "--out_dir", str(tmp_path), "--stage", "finetune"])
-    assert "is not a readable checkpoint" in capsys.readouterr().err
+    assert "is not a readable checkpoint" in one_line_error(train, capsys, [*tiny, "--stage", "finetune"])
+
+
+def test_bfloat16_on_cpu_runs_every_stage(train, cache, tmp_path):
+    """bf16 autocast on a CPU trains, finetunes and deploys: the int8 variants are measured in float32."""
+    report = train.main(["--preset", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--out_dir", str(tmp_path)])
+    assert report["dtype"] == "bfloat16" and report["pretrain"]["val_loss"] < math.log(300)
+    for task in ("python-qa", "docstring-module"):
+        assert set(report["finetune"][task]["deployment"]) >= {"float32", "int8 (ours)"}
+
+
+def test_editing_the_corpus_trains_a_new_tokenizer(train, cache, tmp_path, capsys):
+    """The tokenizer is keyed by the corpus's content, not its name: an edited my_corpus.txt gets its own,
+    and --resume refuses to continue a run on a corpus that changed under it."""
+    corpus = tmp_path / "my_corpus.txt"
+    corpus.write_text("\n\n".join(train.data.corpus_documents("pydocs")[-300:]), encoding="utf-8")
+    args = ["--preset", "tiny", "--device", "cpu", "--stage", "pretrain", "--data", str(corpus), "--max_iters", "2",
+            "--out_dir", str(tmp_path / "out")]
+    train.main(args)
+    first = train.BPETokenizer.load(tmp_path / "out" / "tokenizer.json")
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write("\n\n" + "zyzzyva quokka axolotl " * 300)
+    assert "not the one" in one_line_error(train, capsys, [*args, "--resume"])
+    train.main(args)
+    second = train.BPETokenizer.load(tmp_path / "out" / "tokenizer.json")
+    assert second.fingerprint != first.fingerprint
+    assert len(second.encode("zyzzyva quokka axolotl")) < len(first.encode("zyzzyva quokka axolotl"))
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["tokenizer"]["fingerprint"] == second.fingerprint
+
+
+def test_max_ft_examples_keeps_every_label(train, tmp_path):
+    """A cap on the train examples keeps one example of every label, rare ones included."""
+    rows = [{"text": f"row {i} of {label}", "label": label} for label, n in (("a", 200), ("b", 200), ("rare", 40))
+            for i in range(n)]
+    path = tmp_path / "cls.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = train.Config(task=str(path), max_ft_examples=4)
+    kind, splits = train.load_finetuning_tasks(cfg)["cls"]
+    assert kind == "classification" and len(splits["train"]) == 4
+    assert {e["label"] for e in splits["train"]} == {"a", "b", "rare"}
+    assert "rare" in {e["label"] for s in ("val", "test") for e in train.data.load_task(str(path), s)}
 
 
 def test_ctrl_c_saves_and_resume_continues_exactly(cache, tmp_path):
@@ -609,13 +674,13 @@ def test_ctrl_c_saves_and_resume_continues_exactly(cache, tmp_path):
         assert time.time() < deadline
     output, errors = process.communicate(timeout=240)
     assert process.returncode == 130, errors[-2000:]
-    assert "interrupted: checkpoint saved" in output
+    assert "interrupted: saved" in output and "Traceback" not in errors
     stopped_at = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["iter"]
     assert 5 <= stopped_at < 60
 
     resumed = run_cli([*args, "--out_dir", str(tmp_path / "cut"), "--resume"], cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout
     full_report = json.loads((tmp_path / "full" / "report.json").read_text())["pretrain"]
     resumed_report = json.loads((tmp_path / "cut" / "report.json").read_text())["pretrain"]
     # The same losses at every evaluation and the same final weights. Equal up to float rounding, not
@@ -660,3 +725,384 @@ def test_init_from_a_hugging_face_folder_finetunes_it(train, cache, tmp_path):
     with pytest.raises(SystemExit):
         train.run_main(train.main, ["--preset", "tiny", "--init_from", str(tmp_path / "missing"),
                                     "--out_dir", str(tmp_path / "out")])
+
+
+def test_init_from_a_folder_without_vocabulary_files_offline_is_one_line(train, cache, tmp_path, capsys, monkeypatch):
+    """Without vocab.json + merges.txt the GPT-2 vocabulary comes from tiktoken, which downloads it; offline
+    that is one line saying what to copy where, not a traceback from the download."""
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    folder = tmp_path / "gpt2-weights-only"
+    write_gpt2_folder(make_model(), folder)
+    err = one_line_error(train, capsys, ["--preset", "tiny", "--device", "cpu", "--init_from", str(folder),
+                                         "--out_dir", str(tmp_path / "out")])
+    assert "vocab.json" in err and "offline" in err
+
+
+# ------------------------------------------------------------------------------------------ export
+def test_save_pretrained_round_trips_exactly_without_the_safetensors_package(tmp_path, monkeypatch):
+    """from_pretrained(save_pretrained(m)) is m: the same config, every tensor bit for bit, the head still
+    tied to wte; and neither direction imports the `safetensors` package."""
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if the package were not installed
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    model = make_model(layer_norm_eps=1e-6)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp file
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_positions"] == TINY["block_size"]
+    assert config["eos_token_id"] is None                  # unknown for a vocabulary other than GPT-2's
+    loaded = gpt.GPT.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_save_pretrained_loads_in_transformers_with_the_same_logits(tmp_path, bias):
+    """Our GPT, exported, is a GPT2LMHeadModel with the same logits and a tied head; a bias=False model
+    is written with zero biases, the same function."""
+    transformers = reference("transformers")
+    model = make_model(bias=bias)
+    model.save_pretrained(tmp_path, eos_token_id=0)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert theirs.config.bos_token_id == theirs.config.eos_token_id == 0
+    assert theirs.lm_head.weight.data_ptr() == theirs.transformer.wte.weight.data_ptr()
+    idx = random_ids(3, TINY["block_size"])
+    with torch.no_grad():
+        diff = (theirs(idx).logits - model(idx)[0]).abs().max().item()
+    print(f"GPT-2 export (bias={bias}): max |ours - transformers| = {diff:.2e}")
+    assert diff < 1e-5
+
+
+# ------------------------------------------------------------------------------ the modern decoder
+# Llama 3: RMSNorm, RoPE with Llama 3's rescaling, SwiGLU, 2 K/V heads for 4 query heads, no biases, an
+# untied head. Qwen2: multi-query (one K/V head), biases on q, k, v only, tied. Qwen3: QK-norm, 4 heads of
+# 16 in a width of 32 (n_head * head_dim != n_embd), untied.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}   # with d_k 8: one frequency interpolated, three divided
+LLAMA = dict(n_head=4, norm="rmsnorm", rms_norm_eps=1e-5, pos="rope", rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
+             mlp="swiglu", intermediate_size=48, n_kv_head=2, bias=False, tie_word_embeddings=False)
+QWEN2 = dict(LLAMA, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, n_kv_head=1, qkv_bias=True,
+             tie_word_embeddings=True)
+QWEN3 = dict(LLAMA, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, head_dim=16, qk_norm=True)
+MODERN = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3}
+
+
+def test_rmsnorm_is_the_formula():
+    norm = gpt.RMSNorm(4, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    by_hand = x / torch.sqrt((x ** 2).mean(dim=-1, keepdim=True) + 1e-6) * norm.weight
+    assert torch.allclose(norm(x), by_hand, atol=1e-6)
+    unit = gpt.RMSNorm(2, eps=0.0)
+    assert torch.allclose(unit(torch.tensor([3.0, 4.0])), torch.tensor([3.0, 4.0]) / math.sqrt(12.5))  # docstring
+    constant = torch.full((4,), -2.0)                                 # LayerNorm would give 0: no mean removed
+    assert torch.allclose(norm(constant), -norm.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, LLAMA3_ROPE])
+def test_rope_scores_depend_on_the_relative_position_only(rope_scaling):
+    """q_m . k_n = RoPE(q, m) . RoPE(k, n) is a function of m - n: the same for (3, 1) as for (12, 10),
+    another for (12, 9); position 0 is no rotation, and a rotation keeps the norm."""
+    config = gpt.GPTConfig(**{**TINY, **LLAMA, "rope_theta": 100.0, "rope_scaling": rope_scaling})
+    rotary = gpt.RotaryEmbedding(config)
+    q, k = torch.randn(2, 1, 1, 1, config.d_head, generator=torch.Generator().manual_seed(0))
+
+    def score(m, n):
+        cos_m, sin_m = rotary(torch.tensor([m]))
+        cos_n, sin_n = rotary(torch.tensor([n]))
+        return (gpt.apply_rope(q, cos_m, sin_m) * gpt.apply_rope(k, cos_n, sin_n)).sum().item()
+
+    two_apart = score(3, 1)
+    assert score(12, 10) == pytest.approx(two_apart, abs=1e-5) and score(31, 29) == pytest.approx(two_apart, abs=1e-5)
+    unrotated = (q * k).sum().item()
+    assert score(0, 0) == pytest.approx(unrotated, abs=1e-5) and score(5, 5) == pytest.approx(unrotated, abs=1e-5)
+    assert abs(score(12, 9) - two_apart) > 1e-3
+    cos, sin = rotary(torch.arange(7))
+    rotated = gpt.apply_rope(q.expand(1, 1, 7, -1), cos, sin)
+    assert torch.allclose(rotated[0, 0, 0], q.flatten())                            # angle 0
+    assert torch.allclose(rotated.norm(dim=-1), q.norm().expand(1, 1, 7), atol=1e-5)
+
+
+def test_llama3_scaling_rescales_only_the_low_frequencies():
+    """Wavelengths below L / high_freq_factor are kept, those above L / low_freq_factor divided by the
+    factor, those in between interpolated (L = original_max_position_embeddings = 64 here)."""
+    L = 64
+    switches = {**TINY, **LLAMA, "head_dim": 16,
+                "rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": L}}
+    plain = gpt.RotaryEmbedding(gpt.GPTConfig(**{**switches, "rope_scaling": None})).inv_freq
+    scaled = gpt.RotaryEmbedding(gpt.GPTConfig(**switches)).inv_freq
+    wavelength = 2 * math.pi / plain                               # d_k 16: 6.3, 32, 167, 862... tokens
+    fast, slow = wavelength < L / 4, wavelength > L
+    between = ~fast & ~slow
+    assert fast.any() and slow.any() and between.any()
+    assert torch.equal(scaled[fast], plain[fast])
+    assert torch.allclose(scaled[slow], plain[slow] / 8.0)
+    assert bool(((scaled[between] < plain[between]) & (scaled[between] > plain[between] / 8)).all())
+
+
+def test_gqa_with_as_many_kv_heads_as_heads_is_multi_head_attention():
+    """n_kv_head = n_head is plain multi-head attention: GPT-2 itself when the other switches stay default."""
+    model = make_model()
+    mha = gpt.GPT(gpt.GPTConfig(**TINY, n_kv_head=TINY["n_head"], head_dim=TINY["n_embd"] // TINY["n_head"]))
+    mha.load_state_dict(model.state_dict())
+    idx = random_ids(2, 12)
+    assert torch.equal(mha.eval()(idx)[0], model(idx)[0])
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
+def test_gqa_equals_multi_head_attention_with_each_kv_head_copied_to_its_group(attn_impl):
+    """Each K/V head serves n_head / n_kv_head consecutive query heads: an MHA whose W^K, W^V repeat each
+    head's rows for its group computes the same function."""
+    gqa = make_model(attn_impl, **LLAMA)                            # 4 query heads, 2 K/V heads of 8
+    mha = gpt.GPT(gpt.GPTConfig(**{**gqa.config.__dict__, "n_kv_head": None})).eval()
+    state = gqa.state_dict()
+    for i in range(TINY["n_layer"]):
+        w = state[f"transformer.h.{i}.attn.c_attn.weight"]
+        q, k, v = w.split([32, 16, 16])
+        k, v = (t.view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32) for t in (k, v))
+        state[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([q, k, v])
+    mha.load_state_dict(state)
+    idx = random_ids(2, 20)
+    assert torch.allclose(gqa(idx)[0], mha(idx)[0], atol=1e-5)
+    assert sum(p.numel() for p in gqa.parameters()) < sum(p.numel() for p in mha.parameters())
+
+
+def test_kv_cache_holds_only_the_kv_heads():
+    for family, switches in MODERN.items():
+        model = make_model(**switches)
+        cache = gpt.KVCache(TINY["n_layer"])
+        model(random_ids(3, 7), cache=cache)
+        d_head = switches.get("head_dim", TINY["n_embd"] // switches["n_head"])
+        for k, v in cache.layers:
+            assert k.shape == v.shape == (3, switches["n_kv_head"], 7, d_head), family
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_modern_sdpa_path_equals_explicit_path_and_is_causal(family):
+    model = make_model("sdpa", **MODERN[family])
+    explicit = same_weights(model, "explicit")
+    idx = random_ids(3, 20)
+    assert torch.allclose(model(idx)[0], explicit(idx)[0], atol=1e-5)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, :7] = 0
+    assert torch.allclose(model(idx, attention_mask=mask)[0], explicit(idx, attention_mask=mask)[0], atol=1e-5)
+    changed = idx.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % TINY["vocab_size"]
+    before, after = model(idx)[0], model(changed)[0]
+    assert torch.equal(before[:, :9], after[:, :9]) and not torch.allclose(before[:, 9:], after[:, 9:])
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_modern_cached_forward_and_generation_equal_uncached(attn_impl, family):
+    """With RoPE each cached key keeps the rotation of its own position: chunked cached forwards equal the
+    full one, and cached generation equals uncached, greedy and sampled, plain and left-padded."""
+    model = make_model(attn_impl, **MODERN[family])
+    idx = random_ids(2, 20)
+    cache = gpt.KVCache(TINY["n_layer"])
+    pieces = [model(idx[:, :7], cache=cache)[0], model(idx[:, 7:12], cache=cache)[0]]
+    pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]
+    assert torch.allclose(torch.cat(pieces, dim=1), model(idx)[0], atol=1e-5)
+    prompt = random_ids(2, 5)
+    greedy = [model.generate(prompt, 20, temperature=0, use_cache=c) for c in (True, False)]
+    assert torch.equal(greedy[0], greedy[1])
+    sampled = [model.generate(prompt, 20, temperature=1.0, top_k=20, top_p=0.95, use_cache=c,
+                              generator=torch.Generator().manual_seed(7)) for c in (True, False)]
+    assert torch.equal(sampled[0], sampled[1])
+    prompts = [random_ids(1, 3, seed=5)[0], random_ids(1, 8, seed=6)[0]]
+    batch, mask = torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        batch[row, 8 - len(p):], mask[row, 8 - len(p):] = p, 1
+    for use_cache in (True, False):
+        out = model.generate(batch, 12, temperature=0, attention_mask=mask, use_cache=use_cache)
+        for row, p in enumerate(prompts):
+            assert torch.equal(out[row, -12:], model.generate(p[None], 12, temperature=0)[0, -12:]), (use_cache, row)
+
+
+def test_modern_switches_build_the_named_modules():
+    llama, qwen2, qwen3 = (make_model(**MODERN[f]) for f in ("llama", "qwen2", "qwen3"))
+    assert llama.transformer.wpe is None and llama.num_parameters() == llama.num_parameters(non_embedding=False)
+    assert isinstance(llama.transformer.ln_f, gpt.RMSNorm) and isinstance(llama.transformer.h[0].mlp, gpt.SwiGLU)
+    assert llama.lm_head.weight is not llama.transformer.wte.weight                  # untied
+    assert qwen2.lm_head.weight is qwen2.transformer.wte.weight                      # tied
+    attn = llama.transformer.h[0].attn
+    assert attn.c_attn.weight.shape == (32 + 2 * 2 * 8, 32) and attn.c_attn.bias is None
+    assert qwen2.transformer.h[0].attn.c_attn.bias.shape == (32 + 2 * 8,)
+    assert qwen2.transformer.h[0].attn.c_proj.bias is None and qwen2.transformer.h[0].mlp.c_fc.bias is None
+    assert qwen3.transformer.h[0].attn.c_proj.weight.shape == (32, 4 * 16)           # n_head * head_dim -> n_embd
+    assert qwen3.transformer.h[0].attn.q_norm.weight.shape == (16,)
+    assert [make_model(**MODERN[f]).hf_family() for f in MODERN] == list(MODERN)
+    assert make_model().hf_family() == "gpt2"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(norm="layer"), "norm must be 'layernorm' or 'rmsnorm'"),
+    (dict(pos="alibi"), "pos must be 'learned' or 'rope'"),
+    (dict(mlp="geglu"), "mlp must be 'gelu' or 'swiglu'"),
+    (dict(n_head=4, n_kv_head=3), r"n_head \(4\) must be a multiple of n_kv_head \(3\)"),
+    (dict(pos="rope", head_dim=7), "head_dim .7. must be even"),
+    (dict(pos="rope", rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling .* is not supported"),
+    (dict(rope_scaling=LLAMA3_ROPE), "rope_scaling .* is not supported"),             # without RoPE
+    (dict(pos="rope", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "needs exactly factor"),
+])
+def test_modern_config_rejects_bad_switches(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        gpt.GPTConfig(**{**TINY, **overrides})
+
+
+@pytest.mark.parametrize("overrides", [dict(pos="rope"), dict(norm="rmsnorm", pos="rope", mlp="swiglu", qk_norm=True,
+                                                              qkv_bias=True), dict(n_kv_head=1),
+                                       dict(tie_word_embeddings=False)])
+def test_save_pretrained_refuses_a_mix_no_family_has(tmp_path, overrides):
+    with pytest.raises(ValueError, match="no Hugging Face family has this architecture"):
+        make_model(**overrides).save_pretrained(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_modern_save_pretrained_round_trips_exactly(tmp_path, family):
+    model = make_model(**MODERN[family])
+    model.save_pretrained(tmp_path, eos_token_id=3)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == family and config["eos_token_id"] == 3
+    loaded = gpt.GPT.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == model.config.tie_word_embeddings
+
+
+def edit_config(folder, **changes):
+    """Change entries of folder/config.json; None deletes one."""
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    config = {key: value for key, value in config.items() if value is not None}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("family, changes, message", [
+    ("llama", dict(model_type="mixtral"), "model_type='mixtral' is not supported"),
+    ("qwen2", dict(model_type="qwen2_moe"), "model_type='qwen2_moe' is not supported"),
+    ("llama", dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window=True is not supported"),
+    ("qwen3", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types=.* is not supported"),
+    ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling=.*yarn.* is not supported"),
+    ("llama", dict(rope_scaling=None, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+     "rope_parameters=.*rope_type 'dynamic'; supported"),
+    ("qwen3", dict(rope_scaling={"rope_type": "default", "partial_rotary_factor": 0.5}), "rotates the whole head"),
+    ("llama", dict(attention_bias=True, mlp_bias=False), "attention_bias=True is not supported"),
+    ("qwen3", dict(attention_bias=True), "attention_bias=True is not supported"),
+    ("llama", dict(hidden_size=None), "'hidden_size'"),
+])
+def test_unsupported_hugging_face_configs_are_one_clear_error(tmp_path, family, changes, message):
+    make_model(**MODERN[family]).save_pretrained(tmp_path)
+    edit_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=message) as error:
+        gpt.GPT.from_pretrained(tmp_path)
+    assert "\n" not in str(error.value) and "config.json" in str(error.value)
+
+
+def test_modern_from_pretrained_names_missing_and_misshapen_tensors(tmp_path):
+    from common.safetensors import load_file, save_file
+    make_model(**LLAMA).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    k_proj = state.pop("model.layers.1.self_attn.k_proj.weight")
+    save_file({**state, "model.layers.1.mlp.extra.weight": k_proj}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['model.layers.1.self_attn.k_proj.weight'\].*mlp.extra"):
+        gpt.GPT.from_pretrained(tmp_path)
+    save_file({**state, "model.layers.1.self_attn.k_proj.weight": k_proj[:8]}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"k_proj.weight has shape \(8, 32\), expected \(16, 32\)"):
+        gpt.GPT.from_pretrained(tmp_path)
+
+
+# Tiny random Hugging Face models of each family, with the same switches as LLAMA, QWEN2, QWEN3 above.
+def hf_decoder(transformers, family, seed=0):
+    shared = dict(vocab_size=TINY["vocab_size"], hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=TINY["block_size"], bos_token_id=None,
+                  eos_token_id=None, pad_token_id=None)
+    rope = lambda theta, scaling=None: {"rope_type": "default", "rope_theta": theta, **(scaling or {})}  # noqa: E731
+    config, model_class = {
+        "llama": (transformers.LlamaConfig(**shared, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                           tie_word_embeddings=False, rope_parameters=rope(500000.0, LLAMA3_ROPE)),
+                  transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config(**shared, num_key_value_heads=1, tie_word_embeddings=True,
+                                           rope_parameters=rope(10000.0)), transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config(**shared, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                                           rope_parameters=rope(10000.0)), transformers.Qwen3ForCausalLM),
+    }[family]
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)                    # far from uniform logits
+    return model, model_class
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "bfloat16"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_from_pretrained_matches_transformers_modern_decoders(tmp_path, family, layout):
+    """A random tiny Llama 3 / Qwen2 / Qwen3, saved by transformers, loads with the same logits (both
+    attention paths) and the same greedy continuation with our KV cache."""
+    transformers = reference("transformers")
+    theirs, model_class = hf_decoder(transformers, family)
+    if layout == "sharded":
+        theirs.save_pretrained(tmp_path, max_shard_size="20kB")
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    elif layout == "bfloat16":
+        theirs.to(torch.bfloat16).save_pretrained(tmp_path)
+        theirs = model_class.from_pretrained(tmp_path).float().eval()     # the same rounded weights, in float32
+        assert '"BF16"' in (tmp_path / "model.safetensors").read_bytes()[:4000].decode("utf-8", "replace")
+    else:
+        theirs.save_pretrained(tmp_path)
+    idx = random_ids(3, TINY["block_size"])
+    with torch.no_grad():
+        expected = theirs(idx).logits
+    for attn_impl in ("sdpa", "explicit"):
+        ours = gpt.GPT.from_pretrained(tmp_path, attn_impl=attn_impl).eval()
+        assert ours.config == gpt.GPTConfig(**{**TINY, **MODERN[family], "attn_impl": attn_impl})
+        diff = (ours(idx)[0] - expected).abs().max().item()
+        print(f"{family} {layout} {attn_impl}: max |ours - transformers| = {diff:.2e}")
+        assert diff < 1e-4
+    prompt = idx[:, :6]
+    with torch.no_grad():
+        their_tokens = theirs.generate(prompt, max_new_tokens=16, do_sample=False)
+    assert torch.equal(ours.generate(prompt, 16, temperature=0), their_tokens)
+    if family == "llama":  # Llama 3's rescaled frequencies are in use: without them the logits differ
+        ours.rotary = gpt.RotaryEmbedding(gpt.GPTConfig(**{**TINY, **LLAMA, "rope_scaling": None}))
+        assert (ours(idx)[0] - expected).abs().max().item() > 1e-2
+
+
+def test_left_padded_batch_generation_matches_transformers(tmp_path):
+    transformers = reference("transformers")
+    theirs, _ = hf_decoder(transformers, "llama")
+    theirs.save_pretrained(tmp_path)
+    ours = gpt.GPT.from_pretrained(tmp_path).eval()
+    prompts = [random_ids(1, 3, seed=5)[0], random_ids(1, 8, seed=6)[0]]
+    batch, mask = torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        batch[row, 8 - len(p):], mask[row, 8 - len(p):] = p, 1
+    with torch.no_grad():
+        their_tokens = theirs.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(batch, 12, temperature=0, attention_mask=mask), their_tokens)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_modern_save_pretrained_loads_in_transformers_with_the_same_logits(tmp_path, family):
+    transformers = reference("transformers")
+    model = make_model(**MODERN[family])
+    model.save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(theirs).__name__ == gpt.HF_DECODERS[family]
+    idx = random_ids(3, TINY["block_size"])
+    with torch.no_grad():
+        diff = (theirs(idx).logits - model(idx)[0]).abs().max().item()
+    print(f"{family} export: max |ours - transformers| = {diff:.2e}")
+    assert diff < 1e-4
