@@ -35,6 +35,17 @@ gpt_lib = load_module(REPO_ROOT / "05_gpt" / "model.py")
 GPT, GPTConfig, KVCache = gpt_lib.GPT, gpt_lib.GPTConfig, gpt_lib.KVCache
 
 
+# same as 05_gpt/model.py
+def check_token_ids(ids, vocab_size):
+    """Raise a clear ValueError for an id outside [0, vocab_size): the embedding lookup would otherwise
+    fail deep inside torch ("index out of range in self"). One min/max; skipped while torch.compile traces."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    if ids.numel() and not compiling:
+        for token_id in torch.stack(torch.aminmax(ids)).tolist():
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"token id {token_id} is outside the vocabulary (vocab_size {vocab_size})")
+
+
 # ------------------------------------------------------------------------------------------ counting
 def trainable_parameters(model):
     """{"trainable": n, "total": N, "percent": 100 n / N}, shared (tied) tensors counted once.
@@ -559,8 +570,7 @@ class PromptTuning(nn.Module):
         B, T = idx.shape
         if n + T > gpt.config.block_size:
             raise ValueError(f"{T} tokens + {n} soft tokens exceed block_size {gpt.config.block_size}")
-        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < gpt.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {gpt.config.vocab_size})")
+        check_token_ids(idx, gpt.config.vocab_size)        # the embeddings are looked up here, not in 05's GPT
         if attention_mask is None:
             positions = torch.arange(n + T, device=idx.device)                           # (n + T,)
             mask = None                                                                   # plain causal

@@ -1,18 +1,17 @@
 """07_peft: every method starts at the base model, trains only its own parameters, counts them by its
 formula, saves and loads adapter-only weights; LoRA merges exactly; prefix tuning handles padding; and
-train.py runs end to end (report, checkpoint, --resume, bad input)."""
+each method's output equals its formula computed by hand, and the peft library's where the two map
+exactly; train.py runs end to end (report, checkpoint, Ctrl-C, --resume, bad input)."""
 
 import json
 import math
-import os
-import subprocess
-import sys
+import random
+import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import REPO_ROOT, load_module
+from conftest import REPO_ROOT, interrupt_after_iteration, load_module, reference
 
 peft = load_module("07_peft/model.py")
 TRAIN = REPO_ROOT / "07_peft" / "train.py"
@@ -74,6 +73,341 @@ ALL_METHODS = {
     "prefix direct": lambda g: peft.PrefixTuning(g, num_tokens=4, hidden=0),
     "prompt": lambda g: peft.PromptTuning(g, num_tokens=4),
 }
+
+
+# ------------------------------------------------------- each method against its formula, by hand
+# `formula_logits` is the GPT of chapter 05 written out once more from its equations with plain tensor
+# operations (no nn.Module of either model file), with a slot for each method's change. Each test below
+# sets a method's parameters to arbitrary values (B != 0, l != 1, ...) and checks the model's logits
+# against these formulas, so a wrong constant (alpha instead of alpha / r) or a wrong tensor (q rescaled
+# instead of k) fails.
+def layer_norm(h, weight, bias, eps=1e-5):
+    """LN(h) = (h - mean) / sqrt(var + eps) * g + b, over the last dimension."""
+    mean = h.mean(-1, keepdim=True)
+    var = ((h - mean) ** 2).mean(-1, keepdim=True)
+    return (h - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def gelu_tanh(h):
+    """GELU(h) ~ 0.5 h (1 + tanh(sqrt(2 / pi) (h + 0.044715 h^3))), GPT-2's approximation."""
+    return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
+
+
+def bottleneck(h, down_w, down_b, up_w, up_b):
+    """W_up f(W_down h + b_down) + b_up: the adapter's residual branch."""
+    return gelu_tanh(h @ down_w.T + down_b) @ up_w.T + up_b
+
+
+def formula_logits(base, idx, weights=None, soft_prompt=None, prefix=None, l_k=None, l_v=None, l_ff=None,
+                   adapters=None):
+    """The logits of the GPT `base` for idx (B, T), from the formulas, with these changes:
+
+    weights      {name: matrix} replacing base weights (LoRA: W0 + (alpha / r) B A)
+    soft_prompt  (n, C) embeddings put before the tokens'; their outputs are dropped (prompt tuning)
+    prefix       per layer (P_K, P_V), each (nh, P, hs), put before the keys and values; the tokens
+                 then sit at positions P .. P + T - 1 (prefix tuning)
+    l_k, l_v     per layer (C,): K <- l_k * K, V <- l_v * V; l_ff per layer (4C,): hidden <- l_ff * hidden
+    adapters     per layer (attention adapter, MLP adapter), each (W_down, b_down, W_up, b_up):
+                 a sublayer's output h becomes h + W_up f(W_down h + b_down) + b_up
+    """
+    W = {**base.state_dict(), **(weights or {})}
+    cfg = base.config
+    B, nh, C = idx.size(0), cfg.n_head, cfg.n_embd
+    hs = C // nh
+    x = W["transformer.wte.weight"][idx]                                      # (B, T, C)
+    n = 0 if soft_prompt is None else soft_prompt.size(0)
+    if soft_prompt is not None:
+        x = torch.cat([soft_prompt.expand(B, n, C), x], dim=1)                # (B, n + T, C)
+    P = 0 if prefix is None else prefix[0][0].size(1)
+    T = x.size(1)
+    x = x + W["transformer.wpe.weight"][P:P + T]
+
+    def linear(h, name):
+        return h @ W[f"{name}.weight"].T + W[f"{name}.bias"]
+
+    visible = torch.arange(P + T)[None, :] <= P + torch.arange(T)[:, None]    # (T, P + T): key j <= query i
+    for layer in range(cfg.n_layer):
+        p = f"transformer.h.{layer}."
+        h = layer_norm(x, W[p + "ln_1.weight"], W[p + "ln_1.bias"])
+        q, k, v = linear(h, p + "attn.c_attn").split(C, dim=-1)
+        if l_k is not None:
+            k, v = l_k[layer] * k, l_v[layer] * v
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if prefix is not None:
+            P_K, P_V = prefix[layer]
+            k = torch.cat([P_K.expand(B, nh, P, hs), k], dim=2)              # [P_K; K]
+            v = torch.cat([P_V.expand(B, nh, P, hs), v], dim=2)              # [P_V; V]
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(hs)).masked_fill(~visible, float("-inf"))
+        attention = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
+        attention = linear(attention, p + "attn.c_proj")
+        if adapters is not None:
+            attention = attention + bottleneck(attention, *adapters[layer][0])
+        x = x + attention
+        hidden = gelu_tanh(linear(layer_norm(x, W[p + "ln_2.weight"], W[p + "ln_2.bias"]), p + "mlp.c_fc"))
+        if l_ff is not None:
+            hidden = l_ff[layer] * hidden
+        ffn = linear(hidden, p + "mlp.c_proj")
+        if adapters is not None:
+            ffn = ffn + bottleneck(ffn, *adapters[layer][1])
+        x = x + ffn
+    x = layer_norm(x, W["transformer.ln_f.weight"], W["transformer.ln_f.bias"])
+    return (x @ W["transformer.wte.weight"].T)[:, n:]                         # tied head: logits = LN(h_L) W_e^T
+
+
+def set_randomly(tensor, seed, mean=0.0, std=0.3):
+    with torch.no_grad():
+        tensor.copy_(mean + std * torch.randn(tensor.shape, generator=torch.Generator().manual_seed(seed)))
+    return tensor
+
+
+def test_the_formulas_give_the_base_model():
+    """The reference itself: with no method, the formulas give 05's GPT."""
+    base = make_base()
+    x = ids(3, 12)
+    torch.testing.assert_close(formula_logits(base, x), base(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_adds_alpha_over_r_times_B_A_x():
+    """LoRA: h = W0 x + b + (alpha / r) B A x, on the rows of the chosen part only (v of the fused
+    q, k, v projection) and on a whole Linear (mlp.c_fc); r = 2, alpha = 6: the scale is 3."""
+    base = make_base()
+    r, alpha = 2, 6.0
+    model = peft.add_lora(fresh_copy(base), r=r, alpha=alpha, targets="v,mlp.c_fc").eval()
+    weights = {}
+    for layer in range(L):
+        for name, part, rows in (("attn.c_attn", "v", slice(2 * C, 3 * C)), ("mlp.c_fc", "all", slice(None))):
+            update = model.get_submodule(f"transformer.h.{layer}.{name}").adapters["default"]
+            A, B = update.lora_A[part], set_randomly(update.lora_B[part], seed=10 * layer + len(name))
+            W0 = base.get_submodule(f"transformer.h.{layer}.{name}").weight.detach()
+            W = W0.clone()
+            W[rows] += (alpha / r) * B @ A
+            weights[f"transformer.h.{layer}.{name}.weight"] = W
+    # one layer: x W0^T + b + (alpha / r) x A^T B^T on the v rows, the q and k rows untouched
+    lora_layer = model.transformer.h[0].attn.c_attn
+    update = lora_layer.adapters["default"]
+    base_layer = base.transformer.h[0].attn.c_attn
+    h = torch.randn(5, C, generator=torch.Generator().manual_seed(2))
+    expected = h @ base_layer.weight.T + base_layer.bias
+    expected[:, 2 * C:] += (alpha / r) * h @ update.lora_A["v"].T @ update.lora_B["v"].T
+    torch.testing.assert_close(lora_layer(h), expected, atol=1e-5, rtol=1e-5)
+    # the whole model: every target layer with W0 + (alpha / r) B A
+    x = ids(2, 10)
+    got = model(x)[0]
+    torch.testing.assert_close(got, formula_logits(base, x, weights=weights), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, base(x)[0], atol=1e-3)                # B != 0: the update is there
+
+
+def test_dora_is_magnitude_times_unit_rows_of_the_adapted_weight():
+    """DoRA: W' = m * (W0 + s B A) / ||W0 + s B A||_row, s = alpha / r, h = W' x + b; here with m and B
+    both moved away from their start (m = ||W0||_row, B = 0)."""
+    base = make_base()
+    r, alpha = 2, 6.0
+    model = peft.add_lora(fresh_copy(base), r=r, alpha=alpha, targets="q,attn.c_proj", dora=True).eval()
+    weights = {}
+    for layer in range(L):
+        for name, part, rows in (("attn.c_attn", "q", slice(0, C)), ("attn.c_proj", "all", slice(None))):
+            update = model.get_submodule(f"transformer.h.{layer}.{name}").adapters["default"]
+            A, B = update.lora_A[part], set_randomly(update.lora_B[part], seed=layer + 20 * len(name))
+            m = set_randomly(update.magnitude[part], seed=layer + 30, mean=1.0, std=0.2)
+            W = base.get_submodule(f"transformer.h.{layer}.{name}").weight.detach().clone()
+            V = W[rows] + (alpha / r) * B @ A
+            W[rows] = m[:, None] * V / V.norm(dim=1, keepdim=True)
+            weights[f"transformer.h.{layer}.{name}.weight"] = W
+    x = ids(2, 10)
+    got = model(x)[0]
+    torch.testing.assert_close(got, formula_logits(base, x, weights=weights), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, base(x)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_prefix_tuning_attends_over_the_prefix_keys_and_values(hidden):
+    """Prefix: head_i = Attention(Q, [P_K^l; K], [P_V^l; V]) in every layer, the text at positions
+    P .. P+T-1; with hidden > 0, P = W_2 tanh(W_1 P' + b_1) + b_2 (Li & Liang's reparameterisation)."""
+    base = make_base()
+    P, nh = 3, TINY["n_head"]
+    model = randomize(peft.PrefixTuning(fresh_copy(base), num_tokens=P, hidden=hidden), scale=0.5).eval()
+    if hidden:
+        mlp = model.prefix_mlp
+        values = (torch.tanh(model.prefix_input @ mlp[0].weight.T + mlp[0].bias) @ mlp[2].weight.T + mlp[2].bias)
+    else:
+        values = model.prefix
+    values = values.detach().view(P, L, 2, nh, C // nh)                     # [P_K^1; P_V^1; ...; P_V^L] per position
+    prefix = [(values[:, layer, 0].transpose(0, 1), values[:, layer, 1].transpose(0, 1)) for layer in range(L)]
+    x = ids(2, 9)
+    got = model(x)[0]
+    torch.testing.assert_close(got, formula_logits(base, x, prefix=prefix), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, base(x)[0], atol=1e-3)
+
+
+def test_prompt_tuning_puts_soft_embeddings_before_the_tokens():
+    """Prompt: h_0 = [E_soft; W_e[x]] + W_p[0 .. n + T - 1]; the logits of the T real tokens."""
+    base = make_base()
+    model = peft.PromptTuning(fresh_copy(base), num_tokens=4).eval()
+    soft = set_randomly(model.soft_prompt, seed=5)
+    x = ids(2, 9)
+    got = model(x)[0]
+    torch.testing.assert_close(got, formula_logits(base, x, soft_prompt=soft.detach()), atol=1e-5, rtol=1e-5)
+
+
+def test_adapters_add_a_bottleneck_branch_after_attention_and_after_the_mlp():
+    """Adapter: a sublayer's output h becomes h + W_up f(W_down h + b_down) + b_up (W_up moved off zero)."""
+    base = make_base()
+    model = randomize(peft.add_adapters(fresh_copy(base), bottleneck=8), scale=0.3).eval()
+    adapters = []
+    for block in model.transformer.h:
+        adapters.append([tuple(t.detach() for t in (a.down.weight, a.down.bias, a.up.weight, a.up.bias))
+                         for a in (block.attn.adapter, block.mlp.adapter)])
+    x = ids(2, 9)
+    got = model(x)[0]
+    torch.testing.assert_close(got, formula_logits(base, x, adapters=adapters), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, base(x)[0], atol=1e-3)
+
+
+def test_ia3_rescales_keys_values_and_ffn_hidden_units_and_leaves_queries_alone():
+    """(IA)^3: K <- l_k * K, V <- l_v * V, FFN hidden <- l_ff * GELU(x W_1 + b_1); Q unchanged."""
+    base = make_base()
+    model = peft.add_ia3(fresh_copy(base)).eval()
+    l_k, l_v, l_ff = [], [], []
+    for layer, block in enumerate(model.transformer.h):
+        l_k.append(set_randomly(block.attn.c_attn.l_k, seed=layer, mean=1.0, std=0.5).detach())
+        l_v.append(set_randomly(block.attn.c_attn.l_v, seed=layer + 10, mean=1.0, std=0.5).detach())
+        l_ff.append(set_randomly(block.mlp.gelu.l_ff, seed=layer + 20, mean=1.0, std=0.5).detach())
+    x = ids(2, 9)
+    got = model(x)[0]
+    torch.testing.assert_close(got, formula_logits(base, x, l_k=l_k, l_v=l_v, l_ff=l_ff), atol=1e-5, rtol=1e-5)
+    # the fused projection alone: [q; l_k * k; l_v * v]
+    layer = model.transformer.h[0].attn.c_attn
+    h = torch.randn(4, C, generator=torch.Generator().manual_seed(3))
+    q, k, v = (h @ layer.base.weight.T + layer.base.bias).split(C, dim=-1)
+    torch.testing.assert_close(layer(h), torch.cat([q, l_k[0] * k, l_v[0] * v], dim=-1), atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------- against the peft library, on the same tiny GPT-2
+# The same weights in transformers' GPT2LMHeadModel and in 05's GPT (from_pretrained on the folder
+# transformers wrote), the same method applied in both with the same shapes, the adapter weights copied
+# across: the logits must agree to float32 precision. What maps exactly: LoRA and DoRA (peft puts one A,
+# B pair on the fused c_attn; ours has one per q, k, v block, which is the same map when the three A are
+# equal and the B are peft's B cut into its three row blocks), (IA)^3 (peft rescales all of c_attn's
+# output, so its q third is set to ones), prompt tuning, and prefix tuning, direct or through the MLP.
+# Bottleneck adapters have no peft counterpart (peft has no Houlsby adapter for GPT-2).
+def hf_gpt2_pair(tmp_path):
+    """(transformers' tiny GPT2LMHeadModel, 05's GPT loaded from the folder it saved), both eval."""
+    transformers = reference("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=L, n_head=TINY["n_head"], n_embd=C, n_positions=TINY["block_size"],
+                                     vocab_size=TINY["vocab_size"], bos_token_id=0, eos_token_id=0,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    theirs = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.1)              # logits far from uniform
+    theirs.save_pretrained(tmp_path)
+    ours = peft.GPT.from_pretrained(tmp_path).eval()
+    return theirs, ours
+
+
+def peft_parameter(model, suffix):
+    matches = [p for name, p in model.named_parameters() if name.endswith(suffix)]
+    assert len(matches) == 1, (suffix, len(matches))
+    return matches[0].detach()
+
+
+def assert_same_logits(theirs_logits, ours_logits):
+    difference = (theirs_logits - ours_logits).abs().max().item()
+    assert difference < 1e-5, difference
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_and_dora_equal_peft(tmp_path, dora):
+    peft_lib = reference("peft")
+    theirs, ours = hf_gpt2_pair(tmp_path)
+    r, alpha = 4, 12.0
+    # init_lora_weights=False: B random, not zero, so that the update is there to compare
+    theirs = peft_lib.get_peft_model(theirs, peft_lib.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+        lora_dropout=0.0, use_dora=dora, init_lora_weights=False)).eval()
+    ours = peft.add_lora(ours, r=r, alpha=alpha, targets="all", dora=dora).eval()
+    with torch.no_grad():
+        for layer in range(L):
+            for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                prefix = f"h.{layer}.{name}"
+                A = peft_parameter(theirs, f"{prefix}.lora_A.default.weight")          # (r, d_in)
+                B = peft_parameter(theirs, f"{prefix}.lora_B.default.weight")          # (d_out, r)
+                update = ours.get_submodule(f"transformer.{prefix}").adapters["default"]
+                for part, (start, end) in update.parts.items():
+                    update.lora_A[part].copy_(A)
+                    update.lora_B[part].copy_(B[start:end])
+                    if dora:
+                        m = peft_parameter(theirs, f"{prefix}.lora_magnitude_vector.default.weight")
+                        update.magnitude[part].copy_(m.flatten()[start:end])
+    x = ids(3, 20)
+    with torch.no_grad():
+        expected = theirs(input_ids=x).logits
+        got = ours(x)[0]
+    assert not torch.allclose(got, peft.GPT.from_pretrained(tmp_path).eval()(x)[0], atol=1e-3)   # B != 0
+    assert_same_logits(expected, got)
+
+
+def test_ia3_equals_peft(tmp_path):
+    peft_lib = reference("peft")
+    theirs, ours = hf_gpt2_pair(tmp_path)
+    theirs = peft_lib.get_peft_model(theirs, peft_lib.IA3Config(
+        target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)).eval()
+    ours = peft.add_ia3(ours).eval()
+    with torch.no_grad():
+        for layer in range(L):
+            qkv = peft_parameter(theirs, f"h.{layer}.attn.c_attn.ia3_l.default")       # (3C, 1): all of c_attn
+            set_randomly(qkv, seed=layer, mean=1.0, std=0.5)
+            qkv[:C] = 1.0                                                              # (IA)^3 leaves q alone
+            hidden = set_randomly(peft_parameter(theirs, f"h.{layer}.mlp.c_proj.ia3_l.default"), seed=layer + 9,
+                                  mean=1.0, std=0.5)                                   # (1, 4C): c_proj's input
+            block = ours.transformer.h[layer]
+            block.attn.c_attn.l_k.copy_(qkv[C:2 * C, 0])
+            block.attn.c_attn.l_v.copy_(qkv[2 * C:, 0])
+            block.mlp.gelu.l_ff.copy_(hidden[0])
+    x = ids(3, 20)
+    with torch.no_grad():
+        assert_same_logits(theirs(input_ids=x).logits, ours(x)[0])
+
+
+def test_prompt_tuning_equals_peft(tmp_path):
+    peft_lib = reference("peft")
+    theirs, ours = hf_gpt2_pair(tmp_path)
+    n = 5
+    theirs = peft_lib.get_peft_model(theirs, peft_lib.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                          num_virtual_tokens=n)).eval()
+    ours = peft.PromptTuning(ours, num_tokens=n).eval()
+    with torch.no_grad():
+        soft = set_randomly(peft_parameter(theirs, "prompt_encoder.default.embedding.weight"), seed=4)
+        ours.soft_prompt.copy_(soft)
+        x = ids(3, 20)
+        expected = theirs(input_ids=x).logits                    # (B, n + T, V): peft keeps the soft positions
+        assert expected.shape[1] == n + 20
+        assert_same_logits(expected[:, n:], ours(x)[0])
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_prefix_tuning_equals_peft(tmp_path, hidden):
+    peft_lib = reference("peft")
+    theirs, ours = hf_gpt2_pair(tmp_path)
+    P = 4
+    options = dict(prefix_projection=True, encoder_hidden_size=hidden) if hidden else {}
+    theirs = peft_lib.get_peft_model(theirs, peft_lib.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                          num_virtual_tokens=P, **options)).eval()
+    ours = peft.PrefixTuning(ours, num_tokens=P, hidden=hidden).eval()
+    with torch.no_grad():
+        embedding = set_randomly(peft_parameter(theirs, "prompt_encoder.default.embedding.weight"), seed=6)
+        if hidden:   # peft's transform = Linear, Tanh, Linear: our prefix_mlp, P' its embedding
+            ours.prefix_input.copy_(embedding)
+            for index in (0, 2):
+                for kind in ("weight", "bias"):
+                    source = set_randomly(peft_parameter(theirs, f"prompt_encoder.default.transform.{index}.{kind}"),
+                                          seed=7 + index + len(kind))
+                    getattr(ours.prefix_mlp[index], kind).copy_(source)
+        else:        # peft's (P, L * 2 * C) table has our layout: per position, layer by layer, keys then values
+            ours.prefix.copy_(embedding)
+        x = ids(3, 20)
+        assert_same_logits(theirs(input_ids=x).logits, ours(x)[0])
 
 
 # ---------------------------------------------------------------------------- the starting point
@@ -290,6 +624,14 @@ def test_virtual_tokens_count_against_the_context():
         peft.PromptTuning(make_base(), num_tokens=8)(ids(1, TINY["block_size"] - 7))
 
 
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_a_token_id_outside_the_vocabulary_is_a_clear_error(method):
+    model = ALL_METHODS[method](make_base())
+    for bad in (TINY["vocab_size"], -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+            model(torch.tensor([[1, bad, 2]]))
+
+
 # ------------------------------------------------------------------------------------ train.py end to end
 @pytest.fixture(scope="module")
 def train():
@@ -306,21 +648,27 @@ def tiny_run(train, tmp_path_factory):
 def test_tiny_run_writes_the_table_for_every_method_and_task(tiny_run, train):
     out_dir, report = tiny_run
     saved = json.loads((out_dir / "report.json").read_text())
-    rows = {(r["task"], r["method"]): r for r in saved["table"]}
+    rows = {(r["task"], r["method"]): r for r in train.table_rows(saved["finetune"])}
     methods = ["full finetuning", "LoRA r=4", "LoRA r=8", "LoRA r=16", "DoRA r=8", "prefix tuning",
-               "prompt tuning", "adapters (Houlsby)", "(IA)^3"]
+               "prompt tuning", "adapters (Houlsby)", "(IA)^3", "full, from scratch"]
     for task in ("python-qa", "docstring-module"):
         for method in methods:
             row = rows[(task, method)]
             assert row["trainable"] > 0 and row["ms/step"] > 0 and row["peak MB"] > 0 and row["file KB"] > 0
             assert math.isfinite(row["test"])
+        # the summary row: full finetuning from the base ("pretrained") and from random weights ("scratch")
+        block = saved["finetune"][task]
+        assert block["pretrained"] == block["methods"]["full"]["test"][block["metric"]]
+        assert block["scratch"] == block["methods"]["scratch"]["test"][block["metric"]]
+        assert block["seconds"] == pytest.approx(sum(row["seconds"] for row in block["methods"].values()))
     assert rows[("python-qa", "frozen base (no training)")]["trainable"] == 0
     assert rows[("docstring-module", "frozen base + head")]["trainable"] > 0
     base_params = saved["base"]["parameters"]
     # full finetuning trains the whole base; LoRA's count grows linearly with r; PEFT is a small fraction
     assert rows[("python-qa", "full finetuning")]["trainable"] == base_params
+    assert rows[("python-qa", "full, from scratch")]["trainable"] == base_params
     assert rows[("python-qa", "LoRA r=16")]["trainable"] == 4 * rows[("python-qa", "LoRA r=4")]["trainable"]
-    for method in methods[1:]:
+    for method in methods[1:-1]:
         assert rows[("python-qa", method)]["% of base"] < 100
         assert rows[("python-qa", method)]["file KB"] < rows[("python-qa", "full finetuning")]["file KB"]
         assert rows[("python-qa", method)]["peak MB"] > base_params * 4 / 1e6            # the frozen weights are there
@@ -329,17 +677,21 @@ def test_tiny_run_writes_the_table_for_every_method_and_task(tiny_run, train):
     # the pretraining loss went down, and finetuning lowered the response loss below the frozen base's
     history = saved["pretrain"]["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"] < math.log(300) + 0.5
+    assert saved["pretrain"]["tokens_per_second"] > 0 and saved["seconds"] > saved["pretrain"]["seconds"] > 0
     assert rows[("python-qa", "full finetuning")]["test"] < rows[("python-qa", "frozen base (no training)")]["test"]
     assert 0 <= saved["finetune"]["docstring-module"]["baseline"] <= 1
     examples = saved["finetune"]["python-qa"]["examples"]
     assert examples["merge_max_abs_difference"] < 1e-4 and len(examples["answers"]) == 3
+    # the run's tokenizer lies beside its checkpoint, which records its fingerprint
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert ckpt["tokenizer"]["fingerprint"] == train.BPETokenizer.load(out_dir / "tokenizer.json").fingerprint
 
 
 def test_saved_base_and_adapter_reproduce_the_reported_metric(tiny_run, train):
-    """base.pt loads without unpickling code; an adapter file on a fresh copy of it gives the test
+    """ckpt.pt loads without unpickling code; an adapter file on a fresh copy of it gives the test
     metric the run reported."""
     out_dir, report = tiny_run
-    ckpt = torch.load(out_dir / "base.pt", weights_only=True)
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
     assert ckpt["iter"] == 16
     cfg = train.parse_config(train.Config, train.PRESETS, ["--preset", "tiny", "--out_dir", str(out_dir)])
     rt = train.setup(device="cpu")
@@ -362,32 +714,53 @@ def test_saved_base_and_adapter_reproduce_the_reported_metric(tiny_run, train):
             assert metrics[name] == pytest.approx(value, abs=1e-5), (task, key, name)
 
 
-def test_resume_continues_pretraining_exactly_and_reuses_finished_methods(tiny_run, train, tmp_path, monkeypatch):
-    out_dir, report = tiny_run
-    reference = report["pretrain"]["history"][-1]["val_loss"]
-
+def stop_after(train, reads):
+    """A StopFlag whose Ctrl-C arrives once the loops have asked `reads` times (once per step)."""
     class StopAfter(train.StopFlag):
-        """Ctrl-C after the 5th step: read by the loop once per step."""
-        reads = 0
+        count = 0
 
         @property
         def requested(self):
-            StopAfter.reads += 1
-            return StopAfter.reads == 5
+            StopAfter.count += 1
+            return StopAfter.count == reads
 
         @requested.setter
         def requested(self, value):
             pass
 
+    return StopAfter
+
+
+def test_resume_after_stops_in_pretraining_and_in_finetuning_equals_the_uninterrupted_run(
+        tiny_run, train, tmp_path, monkeypatch, capsys):
+    """Stopped after pretraining step 5, resumed, stopped again after LoRA's second finetuning step,
+    resumed: the base, every row and the adapter weights are those of the uninterrupted tiny run."""
+    out_dir, report = tiny_run
     args = ["--preset", "tiny", "--out_dir", str(tmp_path), "--device", "cpu", "--methods", "lora4,ia3",
             "--tasks", "python-qa"]
-    monkeypatch.setattr(train, "StopFlag", StopAfter)
+    monkeypatch.setattr(train, "StopFlag", stop_after(train, 5))
     with pytest.raises(SystemExit) as stopped:
         train.main(args)
-    assert stopped.value.code == 130 and torch.load(tmp_path / "base.pt", weights_only=True)["iter"] == 5
+    assert stopped.value.code == 130 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"] == 5
+    assert f"interrupted: saved {tmp_path / 'ckpt.pt'} at iter 5; continue with --resume" in capsys.readouterr().out
+    monkeypatch.setattr(train, "StopFlag", stop_after(train, 11 + 2))      # 11 pretraining steps left, then LoRA's 2nd
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args + ["--resume"])
+    assert stopped.value.code == 130
+    assert f"interrupted: saved {tmp_path / 'finetune.pt'} at iter 2; continue with --resume" in capsys.readouterr().out
     monkeypatch.undo()
     resumed = train.main(args + ["--resume"])
-    assert resumed["pretrain"]["history"][-1]["val_loss"] == reference      # as if never stopped
+    assert "resumed from" in capsys.readouterr().out
+    assert resumed["base"]["fingerprint"] == report["base"]["fingerprint"]          # the same weights, bit for bit
+    assert resumed["pretrain"]["history"] == report["pretrain"]["history"]
+    for key in ("lora4", "ia3"):
+        ours, uninterrupted = resumed["finetune"]["python-qa"]["methods"][key], report["finetune"]["python-qa"]["methods"][key]
+        assert (ours["val"], ours["test"], ours["steps"]) == (uninterrupted["val"], uninterrupted["test"], uninterrupted["steps"])
+        saved = torch.load(tmp_path / "adapters" / f"python-qa_{key}.pt", weights_only=True)["state_dict"]
+        reference_weights = torch.load(out_dir / "adapters" / f"python-qa_{key}.pt", weights_only=True)["state_dict"]
+        assert saved.keys() == reference_weights.keys()
+        assert all(torch.equal(saved[name], reference_weights[name]) for name in saved), key
+    assert not (tmp_path / "finetune.pt").exists()                   # spent once its row was saved
     # a finished method is not trained again on --resume: drop one, and only that one is redone
     results = json.loads((tmp_path / "results.json").read_text())
     lora_row = results["results"]["python-qa"]["methods"].pop("lora4")
@@ -399,26 +772,121 @@ def test_resume_continues_pretraining_exactly_and_reuses_finished_methods(tiny_r
     assert rows["lora4"]["test"] == lora_row["test"]                          # same seed, same result
 
 
-def test_bad_input_is_one_line_and_a_nonzero_exit(train, tmp_path, capsys):
-    corrupt = tmp_path / "ckpt.pt"
-    corrupt.write_bytes(b"not a checkpoint")
-    for args, message in ((["--methods", "lora0"], "unknown method 'lora0'"),
-                          (["--lora_targets", "q,query"], "unknown LoRA target 'query'"),
-                          (["--base", str(corrupt)], "not a readable checkpoint")):
-        with pytest.raises(SystemExit) as exit_info:
-            train.run_main(train.main, ["--preset", "tiny", "--out_dir", str(tmp_path), *args])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+def test_ctrl_c_saves_at_a_step_boundary_and_exits_130(tmp_path):
+    interrupt_after_iteration(TRAIN, tmp_path)
+
+
+def run_bad(train, capsys, args):
+    """The one line `python 07_peft/train.py ARGS` prints for bad input (exit code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.run_main(train.main, args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_corrupt_or_foreign_files_in_the_run_folder_are_one_line(tiny_run, train, tmp_path, capsys):
+    out_dir, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out_dir, run)
+    args = ["--preset", "tiny", "--out_dir", str(run), "--device", "cpu", "--methods", "ia3,lora4",
+            "--tasks", "python-qa", "--stage", "finetune"]
+    tokenizer_text = (run / "tokenizer.json").read_text()
+    (run / "tokenizer.json").write_text("{not json")
+    assert "cannot read the tokenizer" in run_bad(train, capsys, args)
+    train.BPETokenizer.train("another corpus, another tokenizer " * 50, 300, special_tokens=(train.EOT,)).save(
+        run / "tokenizer.json")
+    assert "is not the tokenizer" in run_bad(train, capsys, args)
+    (run / "tokenizer.json").write_text(tokenizer_text)
+    results_text = (run / "results.json").read_text()
+    (run / "results.json").write_text("{oops")
+    assert "results.json is corrupt" in run_bad(train, capsys, args + ["--resume"])
+    (run / "results.json").write_text(results_text)
+    assert "holds the rows of another run (ft_iters 6 (now 5))" in run_bad(train, capsys, args + ["--resume", "--ft_iters", "5"])
+    results = json.loads(results_text)
+    del results["results"]["python-qa"]["methods"]["lora4"]
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "finetune.pt").write_bytes(b"not a checkpoint")
+    assert "finetune.pt is not a readable checkpoint" in run_bad(train, capsys, args + ["--resume"])
+    # another run's settings into the same folder: refused before anything is written
+    assert "holds a run with another config: n_embd 32 (now 64)" in run_bad(
+        train, capsys, ["--preset", "tiny", "--out_dir", str(run), "--device", "cpu", "--n_embd", "64"])
+
+
+def test_an_edited_corpus_trains_a_new_tokenizer(train, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMFS_CACHE", str(tmp_path / "cache"))
+    words = [f"w{i}x{i % 7}" for i in range(120)]
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(rng.choice(words) for _ in range(6000)))
+    out = tmp_path / "out"
+    args = ["--preset", "tiny", "--stage", "pretrain", "--data", str(corpus), "--out_dir", str(out), "--device", "cpu",
+            "--max_iters", "2", "--eval_interval", "2"]
+
+    def run_tokenizer():
+        train.main(args)
+        fingerprint = train.BPETokenizer.load(out / "tokenizer.json").fingerprint
+        assert torch.load(out / "ckpt.pt", weights_only=True)["tokenizer"]["fingerprint"] == fingerprint
+        return fingerprint, len(list((tmp_path / "cache" / "tokenizers").glob("*.json")))
+
+    first = run_tokenizer()
+    assert run_tokenizer() == first == (first[0], 1)                 # the same text: the cached tokenizer
+    corpus.write_text(" ".join(rng.choice(words[:60]) + "y" for _ in range(6000)))
+    edited = run_tokenizer()
+    assert edited[0] != first[0] and edited[1] == 2                  # the edited text: a new one, trained
+
+
+def write_hf_folder(folder, vocab_files=True, vocab_size=None):
+    """A Hugging Face GPT-2 folder written by 05's save_pretrained, with a tiny GPT-2-format vocabulary
+    (the 256 bytes, two merges, <|endoftext|>) unless vocab_files is False."""
+    from common.tokenizer import bytes_to_unicode
+    byte_char = bytes_to_unicode()
+    vocab = {byte_char[b]: b for b in range(256)}
+    merges = [(byte_char[ord(" ")], "t"), ("h", "e")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    if vocab_files:
+        (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
+                                           encoding="utf-8")
+    model = peft.GPT(peft.GPTConfig(vocab_size=vocab_size or len(vocab), block_size=48, n_layer=1, n_head=2, n_embd=16))
+    model.save_pretrained(folder, eos_token_id=vocab["<|endoftext|>"])
+    return folder
+
+
+def test_init_from_a_hugging_face_folder_finetunes_it(train, tmp_path):
+    folder = write_hf_folder(tmp_path / "gpt2-tiny")
+    report = train.main(["--preset", "tiny", "--init_from", str(folder), "--out_dir", str(tmp_path / "out"),
+                         "--device", "cpu", "--methods", "lora4,head", "--tasks", "docstring-module"])
+    assert report["base"]["source"] == str(folder) and "pretrain" not in report
+    assert set(report["finetune"]["docstring-module"]["methods"]) == {"lora4", "head"}
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_init_from_without_vocab_files_while_offline_is_one_line(train, tmp_path, capsys, monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    folder = write_hf_folder(tmp_path / "gpt2-like", vocab_files=False, vocab_size=50257)
+    err = run_bad(train, capsys, ["--preset", "tiny", "--init_from", str(folder), "--out_dir", str(tmp_path / "out")])
+    assert "no vocab.json and merges.txt" in err and "offline" in err
 
 
 def test_base_flag_starts_from_a_saved_checkpoint(tiny_run, train, tmp_path):
-    """--base takes a chapter-05 style checkpoint (here the tiny run's base.pt, with its tokenizer.json
+    """--base takes a chapter-05 style checkpoint (here the tiny run's ckpt.pt, with its tokenizer.json
     beside it): no pretraining, and the same base + seed give the same row as in the full run."""
     out_dir, report = tiny_run
-    again = train.main(["--preset", "tiny", "--base", str(out_dir / "base.pt"), "--out_dir", str(tmp_path),
+    again = train.main(["--preset", "tiny", "--base", str(out_dir / "ckpt.pt"), "--out_dir", str(tmp_path),
                         "--device", "cpu", "--methods", "ia3", "--tasks", "docstring-module"])
-    assert again["base"]["source"] == str(out_dir / "base.pt")
-    assert not (tmp_path / "base.pt").exists()
+    assert again["base"]["source"] == str(out_dir / "ckpt.pt")
+    assert not (tmp_path / "ckpt.pt").exists()
     assert again["finetune"]["docstring-module"]["methods"]["ia3"]["test"] == \
         report["finetune"]["docstring-module"]["methods"]["ia3"]["test"]
+    # the folder now belongs to a run on that base: pretraining into it is refused, in one line
+    with pytest.raises(train.UserError, match="holds a run with another config: base"):
+        train.main(["--preset", "tiny", "--out_dir", str(tmp_path), "--device", "cpu"])
