@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# same as 05_gpt/model.py
 def check_token_ids(ids, vocab_size):
     """Raise a clear ValueError for an id outside [0, vocab_size): the embedding lookup would otherwise
     fail deep inside torch ("index out of range in self"). One min/max; skipped while torch.compile traces."""

@@ -12,7 +12,7 @@ Read top to bottom; every numbered section prints what it shows:
  7. optimizers compared        SGD, momentum, RMSprop, Adam, AdamW, each at its best learning rate
  8. report and samples
 
-    python 01_hello_pytorch/train.py                  # the default run, ~2 minutes on 2 CPU cores
+    python 01_hello_pytorch/train.py                  # the default run, under a minute on 2 CPU cores
     python 01_hello_pytorch/train.py --preset tiny    # seconds: a smoke test
     python 01_hello_pytorch/train.py --compile        # also times torch.compile against eager
 """
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `common` imports from any cwd
 
 from common import data, load_module                                      # noqa: E402
-from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
+from common.checkpoint import claim_out_dir, load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.config import UserError, parse_config, run_main               # noqa: E402
 from common.report import Progress, format_table, print_report, write_report  # noqa: E402
 from common.runtime import StopFlag, setup                                # noqa: E402
@@ -42,13 +42,15 @@ model_lib = load_module(HERE / "model.py")
 NeuralLM, numerical_gradient = model_lib.NeuralLM, model_lib.numerical_gradient
 
 STAGES = ("all", "pretrain", "finetune", "optimizers")
+CHAPTER = "01_hello_pytorch"
+EOT = "<|endoftext|>"
 
 
 @dataclass
 class Config:
     # data
-    data: str = "pydocs"            # pretraining corpus: pydocs (its docstrings part when finetuning on topics), a .txt file or a folder
-    finetune_data: str = "topics"   # finetuning domain: "topics" (the pydoc_data topics part of pydocs) or a .txt file
+    data: str = "pydocs"            # pretraining corpus: pydocs (its docstrings: the topics are kept for finetuning), shakespeare, wikitext-2, a .txt file or a folder
+    task: str = "topics"            # finetuning domain: "topics" (the pydoc_data language reference pages) or a .txt file or folder of your own
     vocab_size: int = 1024          # BPE vocabulary: 256 bytes + merges + 1 special token
     # model
     context_size: int = 4           # k: the model predicts a token from the k tokens before it
@@ -61,15 +63,16 @@ class Config:
     max_iters: int = 500            # optimizer steps of pretraining
     lr: float = 1e-2                # peak learning rate (AdamW), reached after warmup_iters
     min_lr: float = 1e-3            # the cosine schedule ends here
-    warmup_iters: int = 50          # linear warmup from 0 to lr
+    warmup_iters: int = 50          # linear warmup from 0 to lr (pretraining and finetuning)
     weight_decay: float = 0.01      # AdamW decoupled weight decay on the weight matrices
     grad_clip: float = 1.0          # clip the gradient norm to this (0 = off)
     eval_interval: int = 250        # evaluate and checkpoint every this many iterations
     eval_iters: int = 10            # batches per evaluation
     log_interval: int = 50          # print a progress line every this many iterations
     # finetuning
-    finetune_iters: int = 150       # steps of finetuning, and of the from-scratch model on the same domain
-    finetune_lr: float = 3e-3       # learning rate of both (constant after warmup_iters)
+    ft_iters: int = 150             # steps of finetuning, and of the from-scratch model on the same domain
+    ft_batch_size: int = 32         # rows per finetuning batch (block_size positions each)
+    ft_lr: float = 3e-3             # learning rate of both (constant after warmup_iters)
     # optimizer experiment
     optim_iters: int = 100          # steps per optimizer and learning rate
     optim_batch_size: int = 8       # rows per batch in the experiment
@@ -86,18 +89,23 @@ class Config:
     device: str = "auto"            # auto | cpu | cuda | mps
     compile: bool = False           # torch.compile the model (and time eager vs compiled steps)
     seed: int = 1337                # random seed: same seed, same result
-    out_dir: str = "out/01_hello_pytorch"  # checkpoints, tokenizer, token cache and report.json go here
-    resume: bool = False            # continue pretraining from out_dir/ckpt.pt
+    out_dir: str = "out/01_hello_pytorch"  # checkpoint, tokenizer.json, run.json and report.json go here
+    resume: bool = False            # continue the pretraining stopped in out_dir (its ckpt.pt) exactly where it stopped
+    init_from: str = ""             # finetune this chapter's checkpoint (a ckpt.pt or its run folder) instead of pretraining
 
 
 PRESETS = {
     "tiny": dict(vocab_size=300, d_embed=8, d_hidden=32, batch_size=8, block_size=16, max_iters=30,
-                 eval_interval=15, eval_iters=2, log_interval=10, warmup_iters=5, finetune_iters=10,
+                 eval_interval=15, eval_iters=2, log_interval=10, warmup_iters=5, ft_iters=10, ft_batch_size=8,
                  optim_iters=8, optim_batch_size=4, timing_iters=3, sample_tokens=10),
     "default": {},
     "gpu": dict(vocab_size=4096, d_embed=64, d_hidden=1024, batch_size=256, block_size=128, max_iters=3000,
-                eval_interval=500, finetune_iters=1000, optim_iters=500, optim_batch_size=64),
+                eval_interval=500, ft_iters=1000, ft_batch_size=256, optim_iters=500, optim_batch_size=64),
 }
+
+# What a checkpoint is: a run folder holds one run of these values (run.json), and a checkpoint that is
+# resumed or finetuned brings its own values of them.
+RUN_FIELDS = ("data", "vocab_size", "context_size", "d_embed", "d_hidden", "direct")
 
 # A learning rate tuned for each optimizer by a wider sweep on the default config (see the README);
 # the run itself retries each at optim_lr_factors times that value and keeps the best.
@@ -108,6 +116,82 @@ OPTIMIZERS = {
     "Adam": (lambda params, lr: torch.optim.Adam(params, lr=lr), 1e-2),
     "AdamW": (lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.01), 1e-2),
 }
+
+
+def lr_factors(cfg):
+    """--optim_lr_factors "0.3,1,3" -> [0.3, 1.0, 3.0]."""
+    try:
+        factors = [float(f) for f in cfg.optim_lr_factors.split(",")]
+    except ValueError:
+        factors = []
+    if not factors or not all(f > 0 for f in factors):
+        raise UserError(f"--optim_lr_factors must be comma-separated positive numbers, got {cfg.optim_lr_factors!r}")
+    return factors
+
+
+def check_config(cfg):
+    """Every bad value is one clear line (UserError) here, before anything slow runs."""
+    if cfg.stage not in STAGES:
+        raise UserError(f"unknown --stage {cfg.stage!r} (valid: {', '.join(STAGES)})")
+    for name in ("context_size", "d_embed", "d_hidden", "batch_size", "max_iters", "eval_interval", "eval_iters",
+                 "log_interval", "ft_iters", "ft_batch_size", "optim_iters", "optim_batch_size", "timing_iters"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.block_size < 2:
+        raise UserError(f"--block_size must be at least 2 (an input and its next token), got {cfg.block_size}")
+    for name in ("warmup_iters", "sample_tokens", "top_k"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
+    for name in ("lr", "ft_lr"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("min_lr", "weight_decay", "grad_clip", "temperature"):
+        if not getattr(cfg, name) >= 0:
+            raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
+    if cfg.vocab_size < 257:
+        raise UserError(f"--vocab_size must be at least 257 (256 byte tokens + {EOT}), got {cfg.vocab_size}")
+    lr_factors(cfg)
+    if cfg.init_from and cfg.resume:
+        raise UserError(f"--resume continues the pretraining in --out_dir and --init_from {cfg.init_from} "
+                        f"skips it: give one of them")
+    if cfg.init_from and cfg.stage in ("pretrain", "optimizers"):
+        raise UserError(f"--init_from gives a model to finetune, and --stage {cfg.stage} would ignore it "
+                        f"(use --stage all or finetune)")
+    if cfg.resume and cfg.stage not in ("all", "pretrain"):
+        raise UserError(f"--resume continues the pretraining, and --stage {cfg.stage} has none (use --stage all or pretrain)")
+
+
+# same as 02_attention/train.py
+def load_run(path, what):
+    """(checkpoint path, checkpoint, tokenizer) of a run of this chapter: `path` is its ckpt.pt or the run
+    folder holding it, with the tokenizer.json the run saved beside it. Anything missing, corrupt or
+    mismatched is one clear line."""
+    path = Path(path)
+    ckpt_path = path / "ckpt.pt" if path.is_dir() or not path.suffix else path
+    if not ckpt_path.is_file():
+        raise UserError(f"no checkpoint at {ckpt_path} {what}")
+    ckpt = load_checkpoint(ckpt_path)
+    if not {"model", "config", "iter"} <= set(ckpt) or not set(RUN_FIELDS) <= set(ckpt["config"]):
+        raise UserError(f"{ckpt_path} is not a checkpoint of {CHAPTER}")
+    tokenizer_path = ckpt_path.parent / "tokenizer.json"
+    try:
+        tokenizer = BPETokenizer.load(tokenizer_path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{error} (the tokenizer {ckpt_path} was trained with)") from None
+    saved = ckpt.get("tokenizer")
+    if not isinstance(saved, dict) or saved.get("fingerprint") != tokenizer.fingerprint:
+        raise UserError(f"{tokenizer_path} is not the tokenizer {ckpt_path} was trained with; pretrain again")
+    return ckpt_path, ckpt, tokenizer
+
+
+def encode_corpus(name, text, tokenizer, cfg, log):
+    """The text encoded once into train and val token files (common.data.TokenCache, in the cache folder)."""
+    tokens = data.TokenCache([text], tokenizer)
+    if tokens.num_tokens("val") <= cfg.block_size:
+        raise UserError(f"{name}: {tokens.num_tokens('val')} validation tokens is too few for "
+                        f"block_size={cfg.block_size}; give more text or a smaller --block_size")
+    log(f"  {name}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens")
+    return tokens
 
 
 def get_lr(it, cfg):
@@ -141,7 +225,7 @@ def unigram_loss(tokens, vocab_size):
     return float(-log_p[tokens.memmap("val")].mean())
 
 
-def train_steps(model, optimizer, tokens, iters, cfg, rt, lr_at, batch_size=None, seed=0, progress=None):
+def train_steps(model, optimizer, tokens, iters, cfg, rt, lr_at, batch_size, seed=0, progress=None):
     """`iters` optimizer steps on random training windows; returns the list of training losses."""
     generator = torch.Generator().manual_seed(seed)
     losses = []
@@ -149,16 +233,17 @@ def train_steps(model, optimizer, tokens, iters, cfg, rt, lr_at, batch_size=None
         lr = lr_at(it)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = tokens.get_batch("train", batch_size or cfg.batch_size, cfg.block_size, rt.device, generator)
+        x, y = tokens.get_batch("train", batch_size, cfg.block_size, rt.device, generator)
         with rt.autocast():
             _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
         rt.scaler.scale(loss).backward()
+        # the optimizer step (same in every train.py)
         if cfg.grad_clip > 0:
             rt.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         rt.scaler.step(optimizer)
         rt.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if progress is not None:
             progress.step(it, loss=losses[-1], lr=lr)
@@ -180,20 +265,32 @@ def make_model(cfg, vocab_size):
 
 def main(argv=None):
     cfg = parse_config(Config, presets=PRESETS, argv=argv, description=__doc__.split("\n\n")[0])
-    if cfg.stage not in STAGES:
-        raise UserError(f"unknown --stage {cfg.stage!r} (valid: {', '.join(STAGES)})")
-    if cfg.context_size < 1 or cfg.block_size < 2 or cfg.batch_size < 1:
-        raise UserError("context_size, batch_size must be >= 1 and block_size >= 2")
+    check_config(cfg)
     rt = setup(cfg.device, cfg.dtype, cfg.compile, cfg.seed)
     log = rt.log
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "ckpt.pt"
-    needs_checkpoint = cfg.resume or cfg.stage == "finetune"
-    if needs_checkpoint and not ckpt_path.exists():
-        raise UserError(f"no checkpoint at {ckpt_path}: run the pretraining first (--stage pretrain)")
-    ckpt = load_checkpoint(ckpt_path) if needs_checkpoint else None     # a bad file fails here, before slow work
-    report = {"chapter": "01_hello_pytorch", "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", "")}
+    # The run to continue (--resume) or to finetune (--stage finetune, --init_from) is read first, so
+    # that a missing or bad file fails here, before any slow work.
+    source = None
+    if cfg.resume:
+        source = load_run(out_dir, "to resume: run without --resume first")
+    elif cfg.init_from or cfg.stage == "finetune":
+        source = load_run(cfg.init_from or out_dir, "to finetune: pretrain first (--stage pretrain), or give --init_from")
+    if source is not None:
+        source_path, source_ckpt, tokenizer = source
+        saved = source_ckpt["config"]
+        if cfg.resume:
+            differing = [f for f in RUN_FIELDS if saved[f] != getattr(cfg, f)]
+            if differing:
+                raise UserError(f"{source_path} was saved with {differing[0]}={saved[differing[0]]!r}, this run has "
+                                f"{getattr(cfg, differing[0])!r}: use the same flags or another --out_dir")
+            if source_ckpt["iter"] > cfg.max_iters:
+                raise UserError(f"{source_path} is at iteration {source_ckpt['iter']}, past --max_iters {cfg.max_iters}")
+        else:                                          # the model, its tokenizer and its corpus come from the run
+            cfg = dataclasses.replace(cfg, **{f: saved[f] for f in RUN_FIELDS})
+    pretrains = cfg.stage in ("all", "pretrain") and not cfg.init_from
+    report = {"chapter": CHAPTER, "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", "")}
     started = time.perf_counter()
 
     # ------------------------------------------------------------------ 1. tensors and devices
@@ -220,26 +317,24 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ 3. tokenizer and data
     log("== 3. tokenizer and data")
-    if cfg.finetune_data == "topics":
-        if cfg.data != "pydocs":
-            raise UserError("--finetune_data topics needs --data pydocs; give a .txt file to finetune on your own text")
-        parts = data.pydocs_parts()
-        pretrain_text, finetune_text = parts["docstrings"], parts["topics"]
-        pretrain_name, finetune_name = "pydocs docstrings", "pydoc topics"
-    else:
-        pretrain_text, finetune_text = data.load_corpus(cfg.data), data.load_corpus(cfg.finetune_data)
-        pretrain_name, finetune_name = cfg.data, Path(cfg.finetune_data).name
-    tokenizer, tokenizer_path = BPETokenizer.load_or_train(pretrain_text, cfg.vocab_size, out_dir,
-                                                           special_tokens=("<|endoftext|>",), log=log)
-    pretrain_tokens = data.TokenCache([pretrain_text], tokenizer, out_dir / "tokens")
-    finetune_tokens = data.TokenCache([finetune_text], tokenizer, out_dir / "tokens")
-    for name, tokens in ((pretrain_name, pretrain_tokens), (finetune_name, finetune_tokens)):
-        if tokens.num_tokens("val") <= cfg.block_size:
-            raise UserError(f"{name}: {tokens.num_tokens('val')} validation tokens is too few for "
-                            f"block_size={cfg.block_size}; give more text or a smaller --block_size")
-        log(f"  {name}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens")
+    # pydocs is pretrained on its docstrings only: its other part, the language reference topics, is the
+    # default finetuning domain, which the pretrained model must never have seen.
+    pretrain_name = "pydocs docstrings" if cfg.data == "pydocs" else cfg.data
+    pretrain_text = finetune_text = None
+    if cfg.stage != "finetune":                                    # pretraining and the optimizer experiment
+        pretrain_text = data.pydocs_parts()["docstrings"] if cfg.data == "pydocs" else data.load_corpus(cfg.data)
+    if cfg.stage in ("all", "finetune"):
+        finetune_name = "pydoc topics" if cfg.task == "topics" else Path(cfg.task).name
+        finetune_text = data.pydocs_parts()["topics"] if cfg.task == "topics" else data.load_corpus(cfg.task)
+    if source is None:
+        tokenizer = BPETokenizer.load_or_train(pretrain_text, cfg.vocab_size, special_tokens=(EOT,), runtime=rt, log=log)
+    pretrain_tokens = finetune_tokens = None
+    if pretrain_text is not None:
+        pretrain_tokens = encode_corpus(pretrain_name, pretrain_text, tokenizer, cfg, log)
+    if finetune_text is not None:
+        finetune_tokens = encode_corpus(finetune_name, finetune_text, tokenizer, cfg, log)
     sample_ids = tokenizer.encode("Return the")
-    log(f"  'Return the' -> {sample_ids} -> {[tokenizer.decode([i]) for i in sample_ids]}")
+    log(f"  {tokenizer.vocab_size}-token BPE: 'Return the' -> {sample_ids} -> {[tokenizer.decode([i]) for i in sample_ids]}")
 
     # ------------------------------------------------------------------ 4. the model
     log("== 4. nn.Module: the neural language model")
@@ -254,26 +349,33 @@ def main(argv=None):
     no_decay = [p for p in model.parameters() if p.dim() < 2]      # biases: decaying them only hurts
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    # The batches are drawn from their own generator, whose state goes into every checkpoint, so that
+    # --resume draws exactly the batches the stopped run would have drawn next.
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start_iter, best_val, seconds_before = 0, float("inf"), 0.0
+    if source is not None:
+        load_model_state(model, source_ckpt["model"], source_path)
+        log(f"  loaded {source_path} (iteration {source_ckpt['iter']}: "
+            f"{', '.join(f'{f} {saved[f]}' for f in RUN_FIELDS)})")
+    if cfg.resume:
+        optimizer.load_state_dict(source_ckpt["optimizer"])
+        generator.set_state(source_ckpt["rng"]["batches"])
+        torch.set_rng_state(source_ckpt["rng"]["torch"])
+        start_iter, best_val, seconds_before = source_ckpt["iter"], source_ckpt["best_val_loss"], source_ckpt["seconds"]
+        log(f"  resuming the pretraining at iteration {start_iter}")
+    # Everything is checked: from here on this run writes into out_dir, unless it holds another run.
+    claim_out_dir(out_dir, dataclasses.asdict(cfg), RUN_FIELDS)
 
-    start_iter, best_val = 0, float("inf")
-    if ckpt is not None:
-        saved = ckpt.get("config", {})
-        for field in ("vocab_size", "context_size", "d_embed", "d_hidden", "direct"):
-            if field in saved and saved[field] != getattr(cfg, field):
-                raise UserError(f"{ckpt_path} was saved with {field}={saved[field]}, this run has "
-                                f"{getattr(cfg, field)}: use the same flags or another --out_dir")
-        load_model_state(model, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_iter, best_val = ckpt["iter"], ckpt.get("best_val_loss", float("inf"))
-        log(f"  resumed from {ckpt_path} at iteration {start_iter}")
-
-    def save(it):
+    def save(it, pretrain_report=None):
+        tokenizer.save(out_dir / "tokenizer.json")
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "iter": it, "best_val_loss": best_val, "config": dataclasses.asdict(cfg),
-                                    "tokenizer": str(tokenizer_path)})
+                                    "rng": {"torch": torch.get_rng_state(), "batches": generator.get_state()},
+                                    "seconds": seconds_before + progress.seconds, "report": pretrain_report,
+                                    "tokenizer": {"path": "tokenizer.json", "fingerprint": tokenizer.fingerprint}})
 
     # ------------------------------------------------------------------ 5. the optimizer loop
-    if cfg.stage in ("all", "pretrain"):
+    if pretrains:
         log("== 5. pretraining: AdamW, warmup + cosine schedule")
         # torch.compile traces the model into an optimized graph (fused kernels, C++/Triton code) the
         # first time it runs; that costs seconds up front and pays back on every later step.
@@ -310,7 +412,6 @@ def main(argv=None):
 
         progress = Progress(cfg.max_iters, cfg.batch_size * cfg.block_size, log=log, log_interval=cfg.log_interval,
                             flops_per_token=flops_per_token, device=rt.device, start_iter=start_iter)
-        generator = torch.Generator().manual_seed(cfg.seed + start_iter)   # a resumed run draws fresh batches
         with StopFlag() as stop:      # Ctrl-C: finish this step, save, exit (a 2nd Ctrl-C: at once)
             for it in range(start_iter, cfg.max_iters):
                 lr = get_lr(it, cfg)
@@ -319,13 +420,14 @@ def main(argv=None):
                 x, y = pretrain_tokens.get_batch("train", cfg.batch_size, cfg.block_size, rt.device, generator)
                 with rt.autocast():
                     _, loss = compiled(x, y)
-                optimizer.zero_grad(set_to_none=True)              # grads accumulate unless cleared
-                rt.scaler.scale(loss).backward()                   # d loss / d every parameter
+                rt.scaler.scale(loss).backward()                   # d loss / d every parameter, into .grad
+                # the optimizer step (same in every train.py)
                 if cfg.grad_clip > 0:
                     rt.scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                rt.scaler.step(optimizer)                          # p <- p - lr * adam_update(grad)
+                rt.scaler.step(optimizer)
                 rt.scaler.update()
+                optimizer.zero_grad(set_to_none=True)
                 progress.step(it, loss=loss, lr=lr)
                 if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters:
                     val_loss = evaluate(model, pretrain_tokens, "val", cfg, rt)
@@ -335,14 +437,17 @@ def main(argv=None):
                         f"saved {ckpt_path}")
                 if stop.requested:
                     save(it + 1)
-                    log(f"interrupted: saved {ckpt_path} after iteration {it + 1}; continue with --resume")
+                    log(f"interrupted: saved {ckpt_path} at iter {it + 1}; continue with --resume")
                     sys.exit(130)
         val_loss = evaluate(model, pretrain_tokens, "val", cfg, rt)
         report["pretrain"] = {"corpus": pretrain_name, "iters": cfg.max_iters, "val_loss": val_loss,
                               "val_perplexity": math.exp(val_loss),
                               "tokens_per_second": progress.average_tokens_per_second,
-                              "seconds": progress.seconds}
-        save(cfg.max_iters)
+                              "seconds": seconds_before + progress.seconds}
+        save(cfg.max_iters, report["pretrain"])
+    elif cfg.init_from:
+        log(f"== 5. pretraining: skipped, the model is {source_path}'s")
+        report["pretrain"] = {"init_from": str(source_path), **(source_ckpt.get("report") or {"iters": source_ckpt["iter"]})}
 
     # ------------------------------------------------------------------ 6. finetuning on another domain
     if cfg.stage in ("all", "finetune"):
@@ -351,42 +456,37 @@ def main(argv=None):
         log(f"  pretrained on {pretrain_name}, never saw {finetune_name}: val loss {before:.4f}")
 
         def constant_after_warmup(i):
-            return cfg.finetune_lr * min(1.0, (i + 1) / cfg.warmup_iters)
+            return cfg.ft_lr * min(1.0, (i + 1) / max(1, cfg.warmup_iters))
 
         results, t0 = {}, time.perf_counter()
         for name, start in (("pretrained", model), ("scratch", None)):
             torch.manual_seed(cfg.seed)
             net = copy.deepcopy(start) if start is not None else make_model(cfg, tokenizer.vocab_size).to(rt.device)
-            opt = torch.optim.AdamW(net.parameters(), lr=cfg.finetune_lr, weight_decay=cfg.weight_decay)
-            progress = Progress(cfg.finetune_iters, cfg.batch_size * cfg.block_size, log=log,
-                                log_interval=cfg.log_interval, name=f"  {name}")
-            train_steps(net, opt, finetune_tokens, cfg.finetune_iters, cfg, rt, constant_after_warmup,
-                        seed=cfg.seed + 2, progress=progress)
+            net_optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.ft_lr, weight_decay=cfg.weight_decay)
+            ft_progress = Progress(cfg.ft_iters, cfg.ft_batch_size * cfg.block_size, log=log,
+                                   log_interval=cfg.log_interval, name=f"  {name}")
+            train_steps(net, net_optimizer, finetune_tokens, cfg.ft_iters, cfg, rt, constant_after_warmup,
+                        cfg.ft_batch_size, seed=cfg.seed + 2, progress=ft_progress)
             results[name] = evaluate(net, finetune_tokens, "val", cfg, rt)
-            log(f"  {name}: val loss {results[name]:.4f} after {cfg.finetune_iters} steps")
+            log(f"  {name}: val loss {results[name]:.4f} after {cfg.ft_iters} steps")
         baseline = unigram_loss(finetune_tokens, tokenizer.vocab_size)
         log(f"  baseline: a unigram model of the domain (no context) has val loss {baseline:.4f}")
         report["finetune"] = {finetune_name: {"metric": "val_loss", "before": before, **results, "baseline": baseline,
-                                              "iters": cfg.finetune_iters, "seconds": time.perf_counter() - t0}}
+                                              "iters": cfg.ft_iters, "seconds": time.perf_counter() - t0}}
 
     # ------------------------------------------------------------------ 7. optimizers compared
     if cfg.stage in ("all", "optimizers"):
         log(f"== 7. optimizers: same model, same init, same batches, {cfg.optim_iters} steps each")
-        try:
-            factors = [float(f) for f in cfg.optim_lr_factors.split(",")]
-        except ValueError:
-            raise UserError(f"--optim_lr_factors must be comma-separated numbers, got {cfg.optim_lr_factors!r}") from None
         torch.manual_seed(cfg.seed + 3)
         init = make_model(cfg, tokenizer.vocab_size).to(rt.device)   # one initialisation shared by all
         table, t0 = {}, time.perf_counter()
         for name, (make_optimizer, tuned_lr) in OPTIMIZERS.items():
             runs = []
-            for factor in factors:
+            for factor in lr_factors(cfg):
                 net = copy.deepcopy(init)
-                opt = make_optimizer(net.parameters(), tuned_lr * factor)
-                curve = train_steps(net, opt, pretrain_tokens, cfg.optim_iters, cfg, rt,
-                                    lambda i, lr=tuned_lr * factor: lr, batch_size=cfg.optim_batch_size,
-                                    seed=cfg.seed + 4)
+                net_optimizer = make_optimizer(net.parameters(), tuned_lr * factor)
+                curve = train_steps(net, net_optimizer, pretrain_tokens, cfg.optim_iters, cfg, rt,
+                                    lambda i, lr=tuned_lr * factor: lr, cfg.optim_batch_size, seed=cfg.seed + 4)
                 val = evaluate(net, pretrain_tokens, "val", cfg, rt, batch_size=cfg.optim_batch_size)
                 runs.append({"lr": tuned_lr * factor, "val_loss": val, "curve": curve})
                 log(f"  {name:<13} lr {tuned_lr * factor:<8.3g} val loss {val:.4f}")
@@ -404,26 +504,28 @@ def main(argv=None):
                                 "seconds": time.perf_counter() - t0, **table}
 
     # ------------------------------------------------------------------ 8. report and samples
-    model.eval()
     samples = []
-    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    for prompt in ("Return the", "The") if cfg.stage != "optimizers" else ():   # only a pretrained model
-        ids = torch.tensor([tokenizer.encode(prompt)], device=rt.device)
-        out = model.generate(ids, cfg.sample_tokens, cfg.temperature, cfg.top_k or None, generator)
-        samples.append(tokenizer.decode(out[0].tolist()))
-    report["samples"] = samples
+    if cfg.stage != "optimizers":                                  # only a pretrained model is worth sampling
+        model.eval()
+        generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+        for prompt in ("Return the", "The"):
+            ids = torch.tensor([tokenizer.encode(prompt)], device=rt.device)
+            out = model.generate(ids, cfg.sample_tokens, cfg.temperature, cfg.top_k or None, generator)
+            samples.append(tokenizer.decode(out[0].tolist()))
+        report["samples"] = samples
     report["seconds"] = time.perf_counter() - started
-    print_report(report, title="01_hello_pytorch report")
-    if "optimizers" in report:
+    # A stage run (--stage optimizers...) replaces its own part of report.json and keeps the rest.
+    merged = write_report(out_dir / "report.json", report, log=log)
+    print_report(merged, title=f"{CHAPTER} report", log=log)
+    if isinstance(merged.get("optimizers"), dict):
         log("optimizers: " + "  ".join(f"{n} {r['val_loss']:.3f} (lr {r['lr']:.3g})"
-                                       for n, r in report["optimizers"].items() if isinstance(r, dict)))
-    write_report(out_dir / "report.json", report)
+                                       for n, r in merged["optimizers"].items() if isinstance(r, dict)))
     log(f"wrote {out_dir / 'report.json'}")
     if samples:
         log("\nsamples (pretrained model, temperature {}, top-k {}):".format(cfg.temperature, cfg.top_k))
     for sample in samples:
         log("  " + repr(sample))
-    return report
+    return merged
 
 
 if __name__ == "__main__":

@@ -177,6 +177,7 @@ class MultiHeadAttention(nn.Module):
         return self.W_o(concat), weights
 
 
+# same as 05_gpt/model.py
 def check_token_ids(ids, vocab_size):
     """Raise a clear ValueError for an id outside [0, vocab_size): the embedding lookup would otherwise
     fail deep inside torch ("index out of range in self"). One min/max; skipped while torch.compile traces."""

@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `common` imports from any cwd
 
 from common import data, load_module                                      # noqa: E402
-from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
+from common.checkpoint import claim_out_dir, load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.config import UserError, parse_config, run_main               # noqa: E402
 from common.report import Progress, format_table, print_report, write_report  # noqa: E402
 from common.runtime import StopFlag, setup                                # noqa: E402
@@ -44,6 +43,8 @@ HERE = Path(__file__).resolve().parent
 attention = load_module(HERE / "model.py")
 
 STAGES = ("all", "experiments", "pretrain", "finetune")
+CHAPTER = "02_attention"
+EOT = "<|endoftext|>"
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Config:
     max_iters: int = 600            # optimizer steps of pretraining
     lr: float = 3e-3                # peak learning rate (AdamW), reached after warmup_iters
     min_lr: float = 3e-4            # the cosine schedule ends here
-    warmup_iters: int = 50          # linear warmup from 0 to lr
+    warmup_iters: int = 50          # linear warmup from 0 to lr (pretraining and finetuning)
     weight_decay: float = 0.1       # AdamW decoupled weight decay on the weight matrices
     grad_clip: float = 1.0          # clip the gradient norm to this (0 = off)
     eval_interval: int = 200        # evaluate and checkpoint every this many iterations
@@ -72,9 +73,9 @@ class Config:
     log_interval: int = 50          # print a progress line every this many iterations
     # finetuning: key-value recall
     recall_pairs: int = 6           # key=value pairs per example (keys: distinct letters, values: digits)
-    finetune_iters: int = 300       # steps of finetuning, and of the from-scratch model on the same task
-    finetune_batch_size: int = 64   # examples per step
-    finetune_lr: float = 1e-3       # learning rate of both (constant after warmup_iters)
+    ft_iters: int = 300             # steps of finetuning, and of the from-scratch model on the same task
+    ft_batch_size: int = 64         # examples per step
+    ft_lr: float = 1e-3             # learning rate of both (constant after warmup_iters)
     recall_eval_examples: int = 1000  # held-out examples for the accuracy
     # experiments
     scale_d_ks: str = "4,16,64,256,1024"  # key sizes d_k in the 1/sqrt(d_k) experiment
@@ -91,28 +92,26 @@ class Config:
     device: str = "auto"            # auto | cpu | cuda | mps
     compile: bool = False           # torch.compile the model for pretraining
     seed: int = 1337                # random seed: same seed, same result
-    out_dir: str = "out/02_attention"  # checkpoints, tokenizer, token cache and report.json go here
-    resume: bool = False            # continue pretraining from out_dir/ckpt.pt
+    out_dir: str = "out/02_attention"  # checkpoint, tokenizer.json, run.json and report.json go here
+    resume: bool = False            # continue the pretraining stopped in out_dir (its ckpt.pt) exactly where it stopped
+    init_from: str = ""             # finetune this chapter's checkpoint (a ckpt.pt or its run folder) instead of pretraining
 
 
 PRESETS = {
     "tiny": dict(vocab_size=300, block_size=32, d_model=32, n_head=2, batch_size=8, max_iters=30,
                  eval_interval=15, eval_iters=2, log_interval=10, warmup_iters=5, recall_pairs=3,
-                 finetune_iters=20, finetune_batch_size=16, recall_eval_examples=100, scale_d_ks="4,64",
+                 ft_iters=20, ft_batch_size=16, recall_eval_examples=100, scale_d_ks="4,64",
                  timing_lengths="32,64", timing_repeats=1, sample_tokens=10),
     "default": {},
     "gpu": dict(vocab_size=4096, block_size=256, d_model=256, n_head=8, batch_size=64, max_iters=3000,
-                eval_interval=500, finetune_iters=2000, timing_lengths="1024,4096,8192,16384",
+                eval_interval=500, ft_iters=2000, timing_lengths="1024,4096,8192,16384",
                 loop_max_len=1024),
 }
 
 
-def get_lr(it, cfg):
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_iters."""
-    if it < cfg.warmup_iters:
-        return cfg.lr * (it + 1) / cfg.warmup_iters
-    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+# What a checkpoint is: a run folder holds one run of these values (run.json), and a checkpoint that is
+# resumed or finetuned brings its own values of them.
+RUN_FIELDS = ("data", "vocab_size", "block_size", "d_model", "n_head", "n_layer", "prev_tokens")
 
 
 def int_list(text, flag):
@@ -123,6 +122,71 @@ def int_list(text, flag):
     if not values or min(values) < 1:
         raise UserError(f"--{flag} must be comma-separated positive integers, got {text!r}")
     return values
+
+
+def check_config(cfg):
+    """Every bad value is one clear line (UserError) here, before anything slow runs."""
+    if cfg.stage not in STAGES:
+        raise UserError(f"unknown --stage {cfg.stage!r} (valid: {', '.join(STAGES)})")
+    if cfg.attn_impl not in attention.ATTENTION_IMPLS:
+        raise UserError(f"unknown --attn_impl {cfg.attn_impl!r} (valid: {', '.join(attention.ATTENTION_IMPLS)})")
+    for name in ("block_size", "d_model", "n_head", "batch_size", "max_iters", "eval_interval", "eval_iters",
+                 "log_interval", "ft_iters", "ft_batch_size", "recall_eval_examples", "timing_repeats"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("n_layer", "prev_tokens", "warmup_iters", "loop_max_len", "sample_tokens", "top_k"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
+    if cfg.d_model % cfg.n_head:
+        raise UserError(f"d_model={cfg.d_model} is not divisible by n_head={cfg.n_head}")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    for name in ("lr", "ft_lr"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("min_lr", "weight_decay", "grad_clip", "temperature"):
+        if not getattr(cfg, name) >= 0:
+            raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
+    if cfg.vocab_size < 257:
+        raise UserError(f"--vocab_size must be at least 257 (256 byte tokens + {EOT}), got {cfg.vocab_size}")
+    if not 1 <= cfg.recall_pairs <= 26:
+        raise UserError(f"--recall_pairs must be between 1 and 26 (keys are distinct letters), got {cfg.recall_pairs}")
+    if 3 * cfg.recall_pairs + 3 > cfg.block_size:               # " b", "=", "7" a pair, then " ?", " b", "="
+        raise UserError(f"a recall prompt of {cfg.recall_pairs} pairs is at least {3 * cfg.recall_pairs + 3} tokens, "
+                        f"longer than block_size={cfg.block_size}: use fewer --recall_pairs or a larger --block_size")
+    int_list(cfg.scale_d_ks, "scale_d_ks")
+    int_list(cfg.timing_lengths, "timing_lengths")
+    if cfg.init_from and cfg.resume:
+        raise UserError(f"--resume continues the pretraining in --out_dir and --init_from {cfg.init_from} "
+                        f"skips it: give one of them")
+    if cfg.init_from and cfg.stage in ("pretrain", "experiments"):
+        raise UserError(f"--init_from gives a model to finetune, and --stage {cfg.stage} would ignore it "
+                        f"(use --stage all or finetune)")
+    if cfg.resume and cfg.stage not in ("all", "pretrain"):
+        raise UserError(f"--resume continues the pretraining, and --stage {cfg.stage} has none (use --stage all or pretrain)")
+
+
+# same as 01_hello_pytorch/train.py
+def load_run(path, what):
+    """(checkpoint path, checkpoint, tokenizer) of a run of this chapter: `path` is its ckpt.pt or the run
+    folder holding it, with the tokenizer.json the run saved beside it. Anything missing, corrupt or
+    mismatched is one clear line."""
+    path = Path(path)
+    ckpt_path = path / "ckpt.pt" if path.is_dir() or not path.suffix else path
+    if not ckpt_path.is_file():
+        raise UserError(f"no checkpoint at {ckpt_path} {what}")
+    ckpt = load_checkpoint(ckpt_path)
+    if not {"model", "config", "iter"} <= set(ckpt) or not set(RUN_FIELDS) <= set(ckpt["config"]):
+        raise UserError(f"{ckpt_path} is not a checkpoint of {CHAPTER}")
+    tokenizer_path = ckpt_path.parent / "tokenizer.json"
+    try:
+        tokenizer = BPETokenizer.load(tokenizer_path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{error} (the tokenizer {ckpt_path} was trained with)") from None
+    saved = ckpt.get("tokenizer")
+    if not isinstance(saved, dict) or saved.get("fingerprint") != tokenizer.fingerprint:
+        raise UserError(f"{tokenizer_path} is not the tokenizer {ckpt_path} was trained with; pretrain again")
+    return ckpt_path, ckpt, tokenizer
 
 
 # ------------------------------------------------------------------------------------ 2. the scale
@@ -234,6 +298,34 @@ def timing_table(lengths, cfg, rt, batch=1, n_head=4, d_k=32):
     return rows
 
 
+# ------------------------------------------------------------------------------------ 5. pretraining
+def make_model(cfg, vocab_size):
+    return attention.AttentionLM(vocab_size, cfg.block_size, cfg.d_model, cfg.n_head, cfg.n_layer,
+                                 cfg.dropout, cfg.attn_impl, cfg.prev_tokens)
+
+
+def get_lr(it, cfg):
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_iters."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, tokens, cfg, rt):
+    """Mean validation loss over cfg.eval_iters batches; the same batches every call."""
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for _ in range(cfg.eval_iters):
+        x, y = tokens.get_batch("val", cfg.batch_size, cfg.block_size, rt.device, generator)
+        with rt.autocast():
+            losses.append(model(x, y)[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
 # ------------------------------------------------------------------------------------ 6. the task
 class KeyValueRecall:
     """In-context retrieval: " a=3 b=7 c=1 ? b=" -> "7".
@@ -286,6 +378,40 @@ def recall_accuracy(model, task, examples, seed, rt, batch_size=250):
     return correct / examples
 
 
+def finetune(model, task, cfg, rt, name, eval_seed):
+    """cfg.ft_iters steps of key-value recall, training `model` in place; returns (accuracy before,
+    accuracy after, learning curve). The loss is on the answer token only (labels -100 elsewhere)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.ft_lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed + 2)                               # the same examples for every model
+    before = recall_accuracy(model, task, cfg.recall_eval_examples, eval_seed, rt)
+    every = max(1, cfg.ft_iters // 10)                              # ten accuracy checks per run
+    prompt_tokens = task.batch(random.Random(0), 1, "cpu")[0].size(1)
+    progress = Progress(cfg.ft_iters, cfg.ft_batch_size * prompt_tokens, log=rt.log, log_interval=every,
+                        name=f"  {name}")
+    curve = []
+    for it in range(cfg.ft_iters):
+        lr = cfg.ft_lr * min(1.0, (it + 1) / max(1, cfg.warmup_iters))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        input_ids, labels = task.batch(rng, cfg.ft_batch_size, rt.device)
+        with rt.autocast():
+            _, loss = model(input_ids, labels)
+        rt.scaler.scale(loss).backward()
+        # the optimizer step (same in every train.py)
+        if cfg.grad_clip > 0:
+            rt.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        rt.scaler.step(optimizer)
+        rt.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if (it + 1) % every == 0 or it + 1 == cfg.ft_iters:
+            curve.append(round(recall_accuracy(model, task, 200, eval_seed + 1, rt), 3))
+            progress.step(it, loss=loss, lr=lr, accuracy=curve[-1])
+        else:
+            progress.step(it)
+    return before, recall_accuracy(model, task, cfg.recall_eval_examples, eval_seed, rt), curve
+
+
 # ------------------------------------------------------------------------------------ 7. the heatmap
 def heatmap(weights, labels, shades=" ░▒▓█"):
     """A (T, T) attention matrix as text: one row per query, one 2-character cell per key.
@@ -313,49 +439,39 @@ def show_token(tokenizer, token_id):
     return tokenizer.decode([token_id]).replace(" ", "_").replace("\n", "\\n") or "?"
 
 
-def make_model(cfg, vocab_size):
-    return attention.AttentionLM(vocab_size, cfg.block_size, cfg.d_model, cfg.n_head, cfg.n_layer,
-                                 cfg.dropout, cfg.attn_impl, cfg.prev_tokens)
-
-
-@torch.no_grad()
-def evaluate(model, tokens, cfg, rt):
-    """Mean validation loss over cfg.eval_iters batches; the same batches every call."""
-    model.eval()
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
-    losses = []
-    for _ in range(cfg.eval_iters):
-        x, y = tokens.get_batch("val", cfg.batch_size, cfg.block_size, rt.device, generator)
-        with rt.autocast():
-            losses.append(model(x, y)[1].item())
-    model.train()
-    return sum(losses) / len(losses)
-
-
 def main(argv=None):
     cfg = parse_config(Config, presets=PRESETS, argv=argv, description=__doc__.split("\n\n")[0])
-    if cfg.stage not in STAGES:
-        raise UserError(f"unknown --stage {cfg.stage!r} (valid: {', '.join(STAGES)})")
-    if cfg.attn_impl not in attention.ATTENTION_IMPLS:
-        raise UserError(f"unknown --attn_impl {cfg.attn_impl!r} (valid: {', '.join(attention.ATTENTION_IMPLS)})")
-    if cfg.d_model % cfg.n_head:
-        raise UserError(f"d_model={cfg.d_model} is not divisible by n_head={cfg.n_head}")
-    if not 1 <= cfg.recall_pairs <= 26:
-        raise UserError(f"--recall_pairs must be between 1 and 26 (keys are distinct letters), got {cfg.recall_pairs}")
-    if cfg.prev_tokens < 0:
-        raise UserError(f"--prev_tokens must be >= 0, got {cfg.prev_tokens}")
+    check_config(cfg)
     d_ks = int_list(cfg.scale_d_ks, "scale_d_ks")
     lengths = int_list(cfg.timing_lengths, "timing_lengths")
     rt = setup(cfg.device, cfg.dtype, cfg.compile, cfg.seed)
     log = rt.log
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "ckpt.pt"
-    needs_checkpoint = cfg.resume or cfg.stage == "finetune"
-    if needs_checkpoint and not ckpt_path.exists():
-        raise UserError(f"no checkpoint at {ckpt_path}: run the pretraining first (--stage pretrain)")
-    ckpt = load_checkpoint(ckpt_path) if needs_checkpoint else None     # a bad file fails here, before slow work
-    report = {"chapter": "02_attention", "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", "")}
+    # The run to continue (--resume) or to finetune (--stage finetune, --init_from) is read first, so
+    # that a missing or bad file fails here, before any slow work.
+    source = None
+    if cfg.resume:
+        source = load_run(out_dir, "to resume: run without --resume first")
+    elif cfg.init_from or cfg.stage == "finetune":
+        source = load_run(cfg.init_from or out_dir, "to finetune: pretrain first (--stage pretrain), or give --init_from")
+    if source is not None:
+        source_path, source_ckpt, tokenizer = source
+        saved = source_ckpt["config"]
+        if cfg.resume:
+            differing = [f for f in RUN_FIELDS if saved[f] != getattr(cfg, f)]
+            if differing:
+                raise UserError(f"{source_path} was saved with {differing[0]}={saved[differing[0]]!r}, this run has "
+                                f"{getattr(cfg, differing[0])!r}: use the same flags or another --out_dir")
+            if source_ckpt["iter"] > cfg.max_iters:
+                raise UserError(f"{source_path} is at iteration {source_ckpt['iter']}, past --max_iters {cfg.max_iters}")
+        else:                                          # the model, its tokenizer and its corpus come from the run
+            cfg = dataclasses.replace(cfg, **{f: saved[f] for f in RUN_FIELDS})
+            check_config(cfg)                          # its block_size must hold this run's recall prompts
+    pretrains = cfg.stage in ("all", "pretrain") and not cfg.init_from
+    # The corpus is read before the experiments, so that a missing or bad file fails before them too.
+    text = data.load_corpus(cfg.data) if pretrains else None
+    report = {"chapter": CHAPTER, "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", "")}
     started = time.perf_counter()
 
     if cfg.stage in ("all", "experiments"):
@@ -414,20 +530,22 @@ def main(argv=None):
 
     if cfg.stage == "experiments":
         report["seconds"] = time.perf_counter() - started
-        write_report(out_dir / "report.json", report)
+        merged = write_report(out_dir / "report.json", report, log=log)   # replaces the experiments, keeps the rest
+        print_report(merged, title=f"{CHAPTER} report", log=log)
         log(f"wrote {out_dir / 'report.json'}")
-        return report
+        return merged
 
     # ------------------------------------------------------------------ 4. tokenizer and data
     log("== 4. tokenizer and data")
-    text = data.load_corpus(cfg.data)
-    tokenizer, tokenizer_path = BPETokenizer.load_or_train(text, cfg.vocab_size, out_dir,
-                                                           special_tokens=("<|endoftext|>",), log=log)
-    tokens = data.TokenCache([text], tokenizer, out_dir / "tokens")
-    if tokens.num_tokens("val") <= cfg.block_size:
-        raise UserError(f"{cfg.data}: {tokens.num_tokens('val')} validation tokens is too few for "
-                        f"block_size={cfg.block_size}; give more text or a smaller --block_size")
-    log(f"  {cfg.data}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens")
+    tokens = None
+    if pretrains:
+        tokenizer = BPETokenizer.load_or_train(text, cfg.vocab_size, special_tokens=(EOT,), runtime=rt, log=log)
+        tokens = data.TokenCache([text], tokenizer)              # encoded once, kept in the cache folder
+        if tokens.num_tokens("val") <= cfg.block_size:
+            raise UserError(f"{cfg.data}: {tokens.num_tokens('val')} validation tokens is too few for "
+                            f"block_size={cfg.block_size}; give more text or a smaller --block_size")
+        log(f"  {cfg.data}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens, "
+            f"{tokenizer.vocab_size}-token BPE")
     task = KeyValueRecall(tokenizer, cfg.recall_pairs)
     prompt, answer = task.example(random.Random(0))
     prompt_ids = tokenizer.encode(prompt)
@@ -451,28 +569,40 @@ def main(argv=None):
     no_decay = [p for p in model.parameters() if p.dim() < 2]              # biases and LayerNorm gains
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    start_iter, best_val = 0, float("inf")
-    if ckpt is not None:
-        saved = ckpt.get("config", {})
-        for field in ("vocab_size", "block_size", "d_model", "n_head", "n_layer", "prev_tokens"):
-            if field in saved and saved[field] != getattr(cfg, field):
-                raise UserError(f"{ckpt_path} was saved with {field}={saved[field]}, this run has "
-                                f"{getattr(cfg, field)}: use the same flags or another --out_dir")
-        load_model_state(model, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_iter, best_val = ckpt["iter"], ckpt.get("best_val_loss", float("inf"))
-        log(f"  resumed from {ckpt_path} at iteration {start_iter}")
+    # The batches are drawn from their own generator and dropout from torch's; both states go into every
+    # checkpoint, so that --resume continues with exactly the random numbers the stopped run would have used.
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start_iter, best_val, seconds_before = 0, float("inf"), 0.0
+    if source is not None:
+        load_model_state(model, source_ckpt["model"], source_path)
+        log(f"  loaded {source_path} (iteration {source_ckpt['iter']}: "
+            f"{', '.join(f'{f} {saved[f]}' for f in RUN_FIELDS)})")
+    if cfg.resume:
+        optimizer.load_state_dict(source_ckpt["optimizer"])
+        generator.set_state(source_ckpt["rng"]["batches"])
+        torch.set_rng_state(source_ckpt["rng"]["torch"])
+        if rt.device_type == "cuda" and "cuda" in source_ckpt["rng"]:
+            torch.cuda.set_rng_state(source_ckpt["rng"]["cuda"], rt.device)
+        start_iter, best_val, seconds_before = source_ckpt["iter"], source_ckpt["best_val_loss"], source_ckpt["seconds"]
+        log(f"  resuming the pretraining at iteration {start_iter}")
+    # Everything is checked: from here on this run writes into out_dir, unless it holds another run.
+    claim_out_dir(out_dir, dataclasses.asdict(cfg), RUN_FIELDS)
 
-    def save(it):
+    def save(it, pretrain_report=None):
+        rng = {"torch": torch.get_rng_state(), "batches": generator.get_state()}
+        if rt.device_type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(rt.device)
+        tokenizer.save(out_dir / "tokenizer.json")
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "iter": it, "best_val_loss": best_val, "config": dataclasses.asdict(cfg),
-                                    "tokenizer": str(tokenizer_path)})
+                                    "rng": rng, "seconds": seconds_before + progress.seconds,
+                                    "report": pretrain_report,
+                                    "tokenizer": {"path": "tokenizer.json", "fingerprint": tokenizer.fingerprint}})
 
-    if cfg.stage in ("all", "pretrain"):
+    if pretrains:
         trained = rt.maybe_compile(model)
         progress = Progress(cfg.max_iters, cfg.batch_size * cfg.block_size, log=log, log_interval=cfg.log_interval,
                             flops_per_token=flops_per_token, device=rt.device, start_iter=start_iter)
-        generator = torch.Generator().manual_seed(cfg.seed + start_iter)
         with StopFlag() as stop:      # Ctrl-C: finish this step, save, exit (a 2nd Ctrl-C: at once)
             for it in range(start_iter, cfg.max_iters):
                 lr = get_lr(it, cfg)
@@ -481,13 +611,14 @@ def main(argv=None):
                 x, y = tokens.get_batch("train", cfg.batch_size, cfg.block_size, rt.device, generator)
                 with rt.autocast():
                     _, loss = trained(x, y)
-                optimizer.zero_grad(set_to_none=True)
                 rt.scaler.scale(loss).backward()
+                # the optimizer step (same in every train.py)
                 if cfg.grad_clip > 0:
                     rt.scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 rt.scaler.step(optimizer)
                 rt.scaler.update()
+                optimizer.zero_grad(set_to_none=True)
                 progress.step(it, loss=loss, lr=lr)
                 if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters:
                     val_loss = evaluate(model, tokens, cfg, rt)
@@ -497,16 +628,19 @@ def main(argv=None):
                         f"saved {ckpt_path}")
                 if stop.requested:
                     save(it + 1)
-                    log(f"interrupted: saved {ckpt_path} after iteration {it + 1}; continue with --resume")
+                    log(f"interrupted: saved {ckpt_path} at iter {it + 1}; continue with --resume")
                     sys.exit(130)
         val_loss = evaluate(model, tokens, cfg, rt)
-        save(cfg.max_iters)
         report["pretrain"] = {"corpus": cfg.data, "iters": cfg.max_iters, "val_loss": val_loss,
                               "val_perplexity": math.exp(val_loss),
-                              "tokens_per_second": progress.average_tokens_per_second, "seconds": progress.seconds}
+                              "tokens_per_second": progress.average_tokens_per_second,
+                              "seconds": seconds_before + progress.seconds}
+        save(cfg.max_iters, report["pretrain"])
+    elif cfg.init_from:
+        log(f"  skipped: the model is {source_path}'s")
+        report["pretrain"] = {"init_from": str(source_path), **(source_ckpt.get("report") or {"iters": source_ckpt["iter"]})}
 
     # ------------------------------------------------------------------ 6. finetuning: key-value recall
-    finetuned = None
     if cfg.stage in ("all", "finetune"):
         log(f"== 6. finetuning on key-value recall ({cfg.recall_pairs} pairs, fresh pairs every example)")
         eval_seed = cfg.seed + 10_000                 # held-out examples: another stream of random pairs
@@ -514,39 +648,16 @@ def main(argv=None):
         for name in ("pretrained", "scratch"):
             torch.manual_seed(cfg.seed)
             net = copy.deepcopy(model) if name == "pretrained" else make_model(cfg, tokenizer.vocab_size).to(rt.device)
-            opt = torch.optim.AdamW(net.parameters(), lr=cfg.finetune_lr, weight_decay=0.0)
-            rng = random.Random(cfg.seed + 2)                           # the same examples for both
-            before = recall_accuracy(net, task, cfg.recall_eval_examples, eval_seed, rt)
-            every = max(1, cfg.finetune_iters // 10)                    # ten accuracy checks per run
-            progress = Progress(cfg.finetune_iters, cfg.finetune_batch_size * len(prompt_ids), log=log,
-                                log_interval=every, name=f"  {name}")
-            curve = []
-            for it in range(cfg.finetune_iters):
-                lr = cfg.finetune_lr * min(1.0, (it + 1) / cfg.warmup_iters)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                input_ids, labels = task.batch(rng, cfg.finetune_batch_size, rt.device)
-                with rt.autocast():
-                    _, loss = net(input_ids, labels)
-                opt.zero_grad(set_to_none=True)
-                rt.scaler.scale(loss).backward()
-                rt.scaler.step(opt)
-                rt.scaler.update()
-                if (it + 1) % every == 0 or it + 1 == cfg.finetune_iters:
-                    curve.append(round(recall_accuracy(net, task, 200, eval_seed + 1, rt), 3))
-                    progress.step(it, loss=loss, lr=lr, accuracy=curve[-1])
-                else:
-                    progress.step(it)
-            accuracy = recall_accuracy(net, task, cfg.recall_eval_examples, eval_seed, rt)
+            before, accuracy, curve = finetune(net, task, cfg, rt, name, eval_seed)
             results[name] = {"accuracy": accuracy, "before": before, "curve": curve}
-            log(f"  {name}: accuracy {before:.3f} before -> {accuracy:.3f} after {cfg.finetune_iters} steps")
+            log(f"  {name}: accuracy {before:.3f} before -> {accuracy:.3f} after {cfg.ft_iters} steps")
             if name == "pretrained":
                 finetuned = net
         report["finetune"] = {"key-value recall": {
             "metric": "accuracy", "pretrained": results["pretrained"]["accuracy"],
             "scratch": results["scratch"]["accuracy"],
             "baseline": 0.1,                                            # guessing a digit
-            "seconds": time.perf_counter() - t0, "pairs": cfg.recall_pairs, "iters": cfg.finetune_iters,
+            "seconds": time.perf_counter() - t0, "pairs": cfg.recall_pairs, "iters": cfg.ft_iters,
             "pretrained_before": results["pretrained"]["before"],
             "curve_pretrained": results["pretrained"]["curve"], "curve_scratch": results["scratch"]["curve"]}}
 
@@ -581,13 +692,13 @@ def main(argv=None):
         samples.append(tokenizer.decode(out[0].tolist()))
     report["samples"] = samples
     report["seconds"] = time.perf_counter() - started
-    print_report(report, title="02_attention report")
-    write_report(out_dir / "report.json", report)
+    merged = write_report(out_dir / "report.json", report, log=log)   # replaces this run's parts, keeps the rest
+    print_report(merged, title=f"{CHAPTER} report", log=log)
     log(f"wrote {out_dir / 'report.json'}")
     log(f"\nsamples (pretrained model, temperature {cfg.temperature}, top-k {cfg.top_k}):")
     for sample in samples:
         log("  " + repr(sample))
-    return report
+    return merged
 
 
 if __name__ == "__main__":
