@@ -105,10 +105,16 @@ class GPTConfig:
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def is_compiling():
-    """True while torch.compile traces the model (torch.compiler.is_compiling is torch 2.3+)."""
-    check = getattr(torch.compiler, "is_compiling", None) or getattr(torch._dynamo, "is_compiling", None)
-    return bool(check and check())
+# The original of check_token_ids: 01-04, 06 and 07 carry identical copies, marked "same as 05_gpt/model.py".
+def check_token_ids(ids, vocab_size):
+    """Raise a clear ValueError for an id outside [0, vocab_size): the embedding lookup would otherwise
+    fail deep inside torch ("index out of range in self"). One min/max (a single device sync), skipped
+    while torch.compile traces (torch.compiler.is_compiling is torch 2.3+; torch._dynamo's before)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None) or getattr(torch._dynamo, "is_compiling", None)
+    if ids.numel() and not (is_compiling and is_compiling()):
+        for token_id in torch.stack(torch.aminmax(ids)).tolist():
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"token id {token_id} is outside the vocabulary (vocab_size {vocab_size})")
 
 
 class KVCache:
@@ -434,11 +440,7 @@ class GPT(nn.Module):
         if T_past + T > self.config.block_size:
             raise ValueError(f"sequence of {T_past + T} tokens ({T_past} cached + {T} new) exceeds "
                              f"block_size {self.config.block_size}")
-        if not is_compiling():  # one min/max (a single device sync), not under compile
-            for token_id in torch.stack(torch.aminmax(idx)).tolist():
-                if not 0 <= token_id < self.config.vocab_size:
-                    raise ValueError(f"token id {token_id} is outside the vocabulary "
-                                     f"(vocab_size {self.config.vocab_size})")
+        check_token_ids(idx, self.config.vocab_size)
         if attention_mask is None:
             positions = torch.arange(T_past, T_past + T, device=idx.device)    # (T,)
         else:
