@@ -2,10 +2,11 @@
 
     python 04_bert/train.py                    # pretrain + finetune (full, linear probe, cloze prompt)
     python 04_bert/train.py --stage simcse     # optional: unsupervised SimCSE on the pretrained encoder
+    python 04_bert/train.py --init_from DIR    # finetune a Hugging Face BERT folder instead of pretraining
     python 04_bert/train.py --preset tiny      # seconds, for tests
 
 The recipe, top to bottom:
-1. a BPE tokenizer with the special tokens [PAD] [CLS] [SEP] [MASK] (trained once, cached);
+1. a BPE tokenizer with the special tokens [PAD] [CLS] [SEP] [MASK] (trained once, cached, saved with the run);
 2. pretraining data as the original create_pretraining_data.py makes it: documents -> sentences ->
    pairs (A, B) where B is the true continuation or, half of the time, a segment of another
    document; 15% of the tokens chosen for prediction (80% [MASK], 10% random, 10% unchanged);
@@ -16,13 +17,13 @@ The recipe, top to bottom:
 5. the report table, out/04_bert/report.json, and a few fill-in-the-blank samples.
 """
 
-import hashlib
 import json
 import math
 import random
 import re
 import sys
 import time
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,26 +33,26 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `common` imports from any cwd
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # and model.py from this folder
 
-from common import data                                                           # noqa: E402
-from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
-from common.config import UserError, parse_config, run_main                      # noqa: E402
-from common.report import Progress, print_report, write_report                   # noqa: E402
-from common.runtime import StopFlag, setup                                        # noqa: E402
-from common.tokenizer import BPETokenizer                                         # noqa: E402
+from common import data                                                                         # noqa: E402
+from common.checkpoint import claim_out_dir, load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
+from common.config import UserError, parse_config, run_main                                     # noqa: E402
+from common.report import Progress, print_report, write_report                                  # noqa: E402
+from common.runtime import StopFlag, setup                                                      # noqa: E402
+from common.tokenizer import BPETokenizer                                                       # noqa: E402
 from model import BertClassifier, BertConfig, BertForPretraining, pretraining_loss  # noqa: E402
 
 SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]")
 PROMPT = " This belongs to module"          # "<text> This belongs to module [MASK]."
+EXPORTED_TOKENIZER = "llmfs_tokenizer.json"  # our tokenizer, beside config.json in an exported folder
 
 
 @dataclass
 class Config:
     # data
-    data: str = "pydocs"              # pretraining corpus: pydocs, shakespeare, wikitext-2, a .txt file or folder
+    data: str = "pydocs"              # pydocs, shakespeare, wikitext-2, a .txt file or folder; a blank line ends a document
     task: str = "docstring-module"    # classification task: docstring-module or a .jsonl/.csv with text,label
     num_labels: int = 10              # docstring-module keeps the modules with the most train examples
     vocab_size: int = 4096            # BPE vocabulary: 256 bytes + merges + the 4 special tokens
-    max_train_examples: int = 0       # finetune on at most this many train examples (0: all)
     # model
     n_layer: int = 2                  # encoder blocks (L=2, H=128 is Google's BERT-Tiny)
     n_head: int = 4                   # attention heads
@@ -64,21 +65,22 @@ class Config:
     max_predictions: int = 10         # max_predictions_per_seq: the cap on chosen tokens per sequence
     short_seq_prob: float = 0.1       # how often a shorter target length is drawn (train = test lengths)
     # pretraining optimisation
-    pretrain_iters: int = 2000        # optimizer steps
+    max_iters: int = 2000             # pretraining optimizer steps
     batch_size: int = 32              # sequences per step (per process under DDP)
     lr: float = 2e-3                  # peak learning rate, linear warmup then linear decay to 0
     warmup_iters: int = 100           # linear warmup steps
     weight_decay: float = 0.01        # AdamW decay on matrices (not on biases and LayerNorm)
     beta2: float = 0.98               # Adam's second-moment decay (BERT 0.999; RoBERTa's 0.98 is steadier at high lr)
-    grad_clip: float = 1.0            # clip the global gradient norm (0: off)
+    grad_clip: float = 1.0            # clip the global gradient norm, in pretraining and finetuning (0: off)
     eval_interval: int = 500          # evaluate on the val documents every this many steps
-    eval_batches: int = 16            # val batches per evaluation
+    eval_iters: int = 16              # val batches per evaluation
     log_interval: int = 100           # print a progress line every this many steps
     # finetuning (identical for the pretrained and the random encoder)
-    finetune_len: int = 96            # tokens of a finetuning input; longer texts are cut
-    finetune_epochs: int = 3          # epochs of full and prompt finetuning (the paper: 2 to 4)
-    finetune_batch_size: int = 32     # examples per finetuning step
-    finetune_lr: float = 5e-4         # peak lr of full and prompt finetuning
+    ft_max_len: int = 96              # tokens of a finetuning input; longer texts are cut
+    ft_epochs: int = 3                # full and prompt finetuning epochs (paper: 2 to 4); by epochs, so no --ft_iters
+    ft_batch_size: int = 32           # examples per finetuning step
+    ft_lr: float = 5e-4               # peak lr of full and prompt finetuning
+    max_ft_examples: int = 0          # finetune on at most this many train examples (0: all)
     probe_epochs: int = 100           # epochs of the linear probe (cheap: the encoder runs once)
     probe_lr: float = 1e-2            # lr of the linear probe
     # SimCSE (optional stage)
@@ -88,6 +90,7 @@ class Config:
     temperature: float = 0.05         # tau in the InfoNCE loss
     # run
     stage: str = "all"                # all (pretrain + finetune) | pretrain | finetune | simcse
+    init_from: str = ""               # a Hugging Face BERT folder (weights, tokenizer) to finetune instead of pretraining
     device: str = "auto"              # auto | cpu | cuda | mps
     dtype: str = "auto"               # auto (bf16/fp16 autocast on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
     compile: bool = False             # torch.compile the model for pretraining
@@ -98,26 +101,212 @@ class Config:
 
 PRESETS = {
     "tiny": dict(vocab_size=300, n_layer=1, n_head=2, d_model=32, d_ff=64, seq_len=32, max_predictions=5,
-                 pretrain_iters=30, batch_size=8, warmup_iters=5, eval_interval=15, eval_batches=2,
-                 log_interval=10, finetune_len=32, finetune_epochs=1, max_train_examples=64, probe_epochs=5,
+                 max_iters=30, batch_size=8, warmup_iters=5, eval_interval=15, eval_iters=2,
+                 log_interval=10, ft_max_len=32, ft_epochs=1, max_ft_examples=64, probe_epochs=5,
                  simcse_iters=5, simcse_batch_size=8),
     "default": {},
     "bert-mini-gpu": dict(vocab_size=8192, n_layer=4, n_head=4, d_model=256, d_ff=1024, seq_len=128,
-                          max_predictions=20, pretrain_iters=20000, batch_size=128, lr=5e-4, warmup_iters=1000,
-                          eval_interval=1000, eval_batches=20, log_interval=100, finetune_len=256,
-                          finetune_epochs=4, finetune_lr=1e-4, compile=True),
+                          max_predictions=20, max_iters=20000, batch_size=128, lr=5e-4, warmup_iters=1000,
+                          eval_interval=1000, eval_iters=20, log_interval=100, ft_max_len=256,
+                          ft_epochs=4, ft_lr=1e-4, compile=True),
 }
-MODEL_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "finetune_len")
+STAGES = ("all", "pretrain", "finetune", "simcse")
+# What decides a run folder's checkpoints (see claim_out_dir): another value is another run.
+CLAIMED_FIELDS = ("data", "vocab_size", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "ft_max_len", "init_from")
+CHECKPOINT_KEYS = {"model", "optimizer", "scaler", "rng", "iter", "history", "config", "bert_config", "tokenizer"}
+MIN_DOCUMENTS = 20     # every 10th document is held out, and each side needs two for NSP's random B
 
 
-def bert_config(cfg, vocab_size, pad_id):
-    return BertConfig(vocab_size=vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
-                      num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
-                      hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                      max_position_embeddings=max(cfg.seq_len, cfg.finetune_len), pad_token_id=pad_id)
+def check_config(cfg):
+    """Every bad value -> one clear line (UserError), before anything slow runs."""
+    if cfg.stage not in STAGES:
+        raise UserError(f"unknown stage {cfg.stage!r} (valid: {', '.join(STAGES)})")
+    for name in ("n_layer", "n_head", "d_model", "d_ff", "max_predictions", "max_iters", "batch_size",
+                 "eval_interval", "eval_iters", "log_interval", "ft_epochs", "ft_batch_size", "probe_epochs",
+                 "simcse_iters", "simcse_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("warmup_iters", "max_ft_examples", "weight_decay", "grad_clip"):
+        if not getattr(cfg, name) >= 0:                                        # `not >=`: NaN fails too
+            raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
+    for name in ("lr", "ft_lr", "probe_lr", "simcse_lr", "temperature"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name, low, high in (("dropout", 0, 0.99), ("mask_prob", 0.01, 0.99), ("short_seq_prob", 0, 1),
+                            ("beta2", 0, 0.9999)):
+        if not low <= getattr(cfg, name) <= high:
+            raise UserError(f"--{name} must be between {low} and {high}, got {getattr(cfg, name)}")
+    if cfg.num_labels < 2:
+        raise UserError(f"--num_labels must be at least 2, got {cfg.num_labels}")
+    if cfg.d_model % cfg.n_head:
+        raise UserError(f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}")
+    if cfg.seq_len < 8:
+        raise UserError(f"--seq_len must be at least 8 ([CLS] A [SEP] B [SEP] and a few tokens), got {cfg.seq_len}")
+    if cfg.ft_max_len < 16:
+        raise UserError(f"--ft_max_len must be at least 16 (the cloze prompt alone takes 9), got {cfg.ft_max_len}")
+    if cfg.vocab_size < 256 + len(SPECIAL_TOKENS) + 1 and not cfg.init_from:
+        raise UserError(f"--vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} (256 bytes, "
+                        f"{len(SPECIAL_TOKENS)} special tokens and a merge), got {cfg.vocab_size}")
+    if cfg.init_from:
+        if not Path(cfg.init_from).is_dir():
+            raise UserError(f"--init_from {cfg.init_from}: no such folder (expected a Hugging Face BERT folder)")
+        if cfg.stage == "pretrain":
+            raise UserError(f"--init_from {cfg.init_from} replaces pretraining, so --stage pretrain would ignore "
+                            f"it: use --stage all, finetune or simcse")
+        if cfg.resume:
+            raise UserError(f"--resume continues this run's pretraining and --init_from {cfg.init_from} skips "
+                            f"pretraining: pass one of them")
+    if cfg.resume and cfg.stage not in ("all", "pretrain"):
+        raise UserError(f"--resume continues pretraining, which --stage {cfg.stage} does not run")
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+
+def encode_plain(tokenizer, texts):
+    """Encode raw text: a special token's string inside it ("[SEP]" in a docstring) stays ordinary text."""
+    pattern = re.compile("|".join(re.escape(s) for s in tokenizer.special_tokens))
+    return tokenizer.encode_batch([pattern.sub(lambda m: m.group(0).lower(), t) for t in texts])
+
+
+def load_run_tokenizer(path, fingerprint):
+    """The tokenizer a run saved beside its checkpoint; it must be the one the checkpoint was trained with."""
+    try:
+        tokenizer = BPETokenizer.load(path)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the checkpoint beside it cannot be read without its tokenizer") from None
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if tokenizer.fingerprint != fingerprint:
+        raise UserError(f"{path} is not the tokenizer the checkpoint beside it was trained with "
+                        f"(fingerprint {tokenizer.fingerprint}, the checkpoint's {fingerprint})")
+    return tokenizer
+
+
+class WordPieceTokenizer:
+    """BERT's own tokenizer, for an official checkpoint's vocab.txt (one token per line; the line number
+    is the id). Two steps, as in the reference tokenization.py:
+
+    1. basic: clean the text, lower-case it and strip accents (uncased models), split at whitespace,
+       around every punctuation character and every CJK character;
+    2. WordPiece: each word becomes the longest vocabulary entry that starts it, then the longest "##"
+       continuation of the rest, and so on (greedy longest-match-first); a word with a piece that no
+       entry matches, or longer than 100 characters, is [UNK].
+           "unaffable" -> ["un", "##aff", "##able"]
+    """
+
+    def __init__(self, vocab, lower_case=True, name="wordpiece"):
+        self.vocab = vocab                                             # token -> id
+        self.tokens = {i: token for token, i in vocab.items()}
+        self.lower_case = lower_case
+        self.name = name
+        self.special_tokens = {t: vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab}
+        self.vocab_size = max(vocab.values()) + 1
+
+    @classmethod
+    def load(cls, folder):
+        """vocab.txt of a folder; lower-cased unless its tokenizer_config.json says do_lower_case false."""
+        folder = Path(folder)
+        lines = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
+        vocab = {token: i for i, token in enumerate(line.rstrip("\r") for line in lines) if token}
+        lower_case = True
+        if (folder / "tokenizer_config.json").is_file():
+            try:
+                lower_case = bool(json.loads((folder / "tokenizer_config.json").read_text()).get("do_lower_case", True))
+            except (ValueError, AttributeError):
+                raise UserError(f"{folder / 'tokenizer_config.json'} is not a JSON object") from None
+        return cls(vocab, lower_case=lower_case, name=folder.name)
+
+    def basic_tokens(self, text):
+        """'Héllo, World!' -> ['hello', ',', 'world', '!'] (uncased)."""
+        text = "".join(" " if is_whitespace(c) else c for c in text
+                       if not (ord(c) in (0, 0xFFFD) or is_control(c)))
+        text = unicodedata.normalize("NFC", "".join(f" {c} " if is_cjk(c) else c for c in text))
+        words = []
+        for word in text.split():
+            if self.lower_case:                                        # and strip the accents: é -> e
+                word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+            piece = ""
+            for c in word:
+                if is_punctuation(c):
+                    words += [piece, c] if piece else [c]
+                    piece = ""
+                else:
+                    piece += c
+            if piece:
+                words.append(piece)
+        return words
+
+    def wordpiece(self, word):
+        if len(word) > 100:
+            return [self.vocab["[UNK]"]]
+        ids, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):                    # the longest match first
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.vocab:
+                    ids.append(self.vocab[piece])
+                    start = end
+                    break
+            else:
+                return [self.vocab["[UNK]"]]                            # no entry matches: the whole word
+        return ids
+
+    def encode(self, text, allowed_special=()):
+        """Token ids; the special tokens in `allowed_special` ("[MASK]") are read as those tokens."""
+        parts = re.split("(" + "|".join(map(re.escape, allowed_special)) + ")", text) if allowed_special else [text]
+        ids = []
+        for part in parts:
+            if part in allowed_special:
+                ids.append(self.vocab[part])
+            else:
+                ids += [i for word in self.basic_tokens(part) for i in self.wordpiece(word)]
+        return ids
+
+    def encode_batch(self, texts):
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids):
+        text = " ".join(self.tokens.get(i, "[UNK]") for i in ids)
+        return text.replace(" ##", "")
+
+
+def is_whitespace(c):
+    return c in " \t\n\r" or unicodedata.category(c) == "Zs"
+
+
+def is_control(c):
+    return c not in "\t\n\r" and unicodedata.category(c).startswith("C")
+
+
+def is_punctuation(c):
+    """The reference's rule: ASCII symbols ($, `, ^...) count as punctuation, and every Unicode P* category."""
+    return 33 <= ord(c) <= 47 or 58 <= ord(c) <= 64 or 91 <= ord(c) <= 96 or 123 <= ord(c) <= 126 \
+        or unicodedata.category(c).startswith("P")
+
+
+def is_cjk(c):
+    """A CJK ideograph (not Hangul, Hiragana or Katakana: those are split into words by spaces)."""
+    return any(low <= ord(c) <= high for low, high in ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF),
+                                                      (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF),
+                                                      (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
 
 
 # ----------------------------------------------------------------------------------------- pretraining data
+
+def pretraining_documents(spec):
+    """The corpus as a list of documents. pydocs comes as documents (a reference page, a docstring); any
+    other text follows BERT's pretraining-data format, blank lines between documents, so a single file
+    (or a folder of two) still gives the many documents next sentence prediction needs."""
+    documents = data.corpus_documents(spec)
+    if spec != "pydocs":
+        documents = [d for text in documents for d in re.split(r"\n\s*\n", text)]
+    documents = [d for d in documents if d.strip()]
+    if len(documents) < MIN_DOCUMENTS:
+        raise UserError(f"--data {spec} has {len(documents)} documents (blank-line-separated paragraphs); "
+                        f"BERT pretraining needs at least {MIN_DOCUMENTS}: every 10th is held out for "
+                        f"validation, and next sentence prediction takes its random B from another document")
+    return documents
+
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(`*])")
 
@@ -241,16 +430,43 @@ def collate(instances, pad_id, seq_len, max_predictions):
 
 
 def pretraining_batches(documents, cfg, specials, pad_id, batch_size, start_iter=0):
-    """An endless stream of batches; pass k over the documents uses random.Random(seed + k), so the
-    stream is a pure function of the seed and --resume can skip to where it stopped."""
-    served, pass_index = 0, 0
+    """An endless stream of batches. Pass k over the documents (new pairs, new masks: dynamic masking)
+    uses random.Random(seed + k), and a pass's last instances open the next pass's first batch, so the
+    stream is a pure function of the seed (--resume skips to where it stopped), on a corpus smaller
+    than a batch too."""
+    pending, served, pass_index = [], 0, 0
     while True:
-        instances = make_instances(documents, random.Random(cfg.seed + pass_index), cfg, specials)
-        for start in range(0, len(instances) - batch_size + 1, batch_size):
-            if served >= start_iter:
-                yield collate(instances[start:start + batch_size], pad_id, cfg.seq_len, cfg.max_predictions)
-            served += 1
+        pending += make_instances(documents, random.Random(cfg.seed + pass_index), cfg, specials)
         pass_index += 1
+        while len(pending) >= batch_size:
+            instances, pending = pending[:batch_size], pending[batch_size:]
+            if served >= start_iter:
+                yield collate(instances, pad_id, cfg.seq_len, cfg.max_predictions)
+            served += 1
+
+
+# ----------------------------------------------------------------------------------------- pretraining
+
+def bert_config(cfg, vocab_size, pad_id):
+    return BertConfig(vocab_size=vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                      num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
+                      hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+                      max_position_embeddings=max(cfg.seq_len, cfg.ft_max_len), pad_token_id=pad_id)
+
+
+def configure_optimizer(model, lr, weight_decay, beta2=0.999):
+    """AdamW with decay on weight matrices only: biases and LayerNorm parameters are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=1e-6)
+
+
+def get_lr(it, cfg):
+    """Linear warmup to cfg.lr over warmup_iters, then linear decay to 0 at max_iters (as BERT)."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    return cfg.lr * max(0.0, (cfg.max_iters - it) / max(1, cfg.max_iters - cfg.warmup_iters))
 
 
 @torch.no_grad()
@@ -275,97 +491,111 @@ def evaluate_pretraining(model, batches, rt):
             "nsp_accuracy": nsp_correct / nsp_total}
 
 
-def get_lr(it, cfg):
-    """Linear warmup to cfg.lr over warmup_iters, then linear decay to 0 at pretrain_iters (as BERT)."""
-    if it < cfg.warmup_iters:
-        return cfg.lr * (it + 1) / cfg.warmup_iters
-    return cfg.lr * max(0.0, (cfg.pretrain_iters - it) / max(1, cfg.pretrain_iters - cfg.warmup_iters))
+def rng_state(rt):
+    """Every random stream a resumed run must continue: the batches are a function of the seed and the
+    step (pretraining_batches), so that leaves the dropout masks, drawn from torch's generator."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(rt.device) if rt.device_type == "cuda" else None}
 
 
-def configure_optimizer(model, lr, weight_decay, beta2=0.999):
-    """AdamW with decay on weight matrices only: biases and LayerNorm parameters are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=1e-6)
+def load_run_checkpoint(path):
+    """ckpt.pt of a pretraining run of this script (for --resume, or to finetune the finished run)."""
+    checkpoint = load_checkpoint(path)
+    if not CHECKPOINT_KEYS <= set(checkpoint):
+        raise UserError(f"{path} was not written by this version of 04_bert/train.py: pretrain again, or "
+                        f"pass another --out_dir")
+    return checkpoint
 
 
-def pretrain(cfg, rt, tokenizer, out_dir):
-    """Stage 1: L_BERT = L_MLM + L_NSP on sentence pairs. Returns the pretraining report."""
+def checkpoint_to_resume(cfg, out_dir):
+    """--resume: this out_dir's ckpt.pt, written with the same model and data, not past --max_iters."""
+    path = out_dir / "ckpt.pt"
+    checkpoint = load_run_checkpoint(path)
+    changed = [f for f in CLAIMED_FIELDS if checkpoint["config"].get(f) != getattr(cfg, f)]
+    if changed:
+        raise UserError(f"{path} was written with another {changed[0]} ({checkpoint['config'].get(changed[0])!r}, "
+                        f"now {getattr(cfg, changed[0])!r})")
+    if checkpoint["iter"] > cfg.max_iters:
+        raise UserError(f"{path} is at iter {checkpoint['iter']}, past --max_iters {cfg.max_iters}")
+    return checkpoint
+
+
+def pretrain(cfg, rt, tokenizer, documents, out_dir, checkpoint=None):
+    """Stage 1: L_BERT = L_MLM + L_NSP on sentence pairs, from random weights or, with --resume, from
+    `checkpoint`. Writes ckpt.pt, tokenizer.json and the exported pretrained/ folder; returns the model
+    and the pretraining report."""
     specials = tokenizer.special_tokens
-    documents = data.corpus_documents(cfg.data)
-    if len(documents) < 2:      # one text file: its paragraphs are the documents (NSP needs two or more)
-        documents = [p for d in documents for p in d.split("\n\n") if p.strip()]
+    pad_id = specials["[PAD]"]
     sentences = [document_sentences(d) for d in documents]
     flat = encode_plain(tokenizer, [s for doc in sentences for s in doc])
     encoded, k = [], 0
     for doc in sentences:
-        encoded.append([ids for ids in flat[k:k + len(doc)] if ids])
+        encoded.append(flat[k:k + len(doc)])
         k += len(doc)
-    encoded = [doc for doc in encoded if doc]
     # every 10th document is held out: val pairs come from text the model never trained on
     train_docs = [doc for i, doc in enumerate(encoded) if i % 10 != 9]
     val_docs = [doc for i, doc in enumerate(encoded) if i % 10 == 9]
-    if len(train_docs) < 2 or len(val_docs) < 2:
-        raise UserError(f"the corpus {cfg.data!r} has {len(encoded)} documents; pretraining needs at least 20")
     val_instances = make_instances(val_docs, random.Random(cfg.seed - 1), cfg, specials)
-    val_batches = [collate(val_instances[i:i + cfg.batch_size], specials["[PAD]"], cfg.seq_len, cfg.max_predictions)
-                   for i in range(0, len(val_instances), cfg.batch_size)][:cfg.eval_batches]
+    val_batches = [collate(val_instances[i:i + cfg.batch_size], pad_id, cfg.seq_len, cfg.max_predictions)
+                   for i in range(0, len(val_instances), cfg.batch_size)][:cfg.eval_iters]
     rt.log(f"pretraining data: {len(train_docs)} train / {len(val_docs)} val documents, "
            f"{sum(len(s) for d in train_docs for s in d):,} train tokens")
 
     torch.manual_seed(cfg.seed)
-    model = BertForPretraining(bert_config(cfg, tokenizer.vocab_size, specials["[PAD]"])).to(rt.device)
+    model = BertForPretraining(bert_config(cfg, tokenizer.vocab_size, pad_id)).to(rt.device)
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, cfg.beta2)
     ckpt_path = out_dir / "ckpt.pt"
     start_iter, history = 0, []
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        changed = [f for f in MODEL_FIELDS if ckpt.get("config", {}).get(f) != getattr(cfg, f)]
-        if changed:
-            raise UserError(f"{ckpt_path} was written with another {changed[0]} "
-                            f"({ckpt.get('config', {}).get(changed[0])} vs {getattr(cfg, changed[0])})")
-        load_model_state(model, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_iter, history = ckpt["iter"], ckpt.get("history", [])
+    if checkpoint is not None:
+        load_model_state(model, checkpoint["model"], ckpt_path)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            rt.scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])          # the dropout masks go on where they stopped
+        if rt.device_type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], rt.device)
+        start_iter, history = checkpoint["iter"], checkpoint["history"]
         rt.log(f"resumed from {ckpt_path} at iter {start_iter}")
-    ddp_model = rt.wrap(rt.maybe_compile(model))
+    train_model = rt.wrap(rt.maybe_compile(model))
 
     def save(it):
         if rt.is_main:
+            tokenizer.save(out_dir / "tokenizer.json")
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "iter": it, "config": asdict(cfg), "history": history,
-                                        "tokenizer": tokenizer.fingerprint})
+                                        "scaler": rt.scaler.state_dict(), "rng": rng_state(rt), "iter": it,
+                                        "history": history, "config": asdict(cfg),
+                                        "bert_config": model.config.to_dict(), "tokenizer": tokenizer.fingerprint})
 
     # each step takes batch_size * world_size instances from the stream; this process trains on its share
-    stream = pretraining_batches(train_docs, cfg, specials, specials["[PAD]"], cfg.batch_size * rt.world_size,
-                                 start_iter)
+    stream = pretraining_batches(train_docs, cfg, specials, pad_id, cfg.batch_size * rt.world_size, start_iter)
     share = slice(rt.rank * cfg.batch_size, (rt.rank + 1) * cfg.batch_size)
     L, T, C = cfg.n_layer, cfg.seq_len, cfg.d_model
     flops_per_token = 6 * sum(p.numel() for p in model.bert.encoder.parameters()) + 12 * L * T * C
-    progress = Progress(cfg.pretrain_iters, cfg.batch_size * cfg.seq_len * rt.world_size, log=rt.log,
+    progress = Progress(cfg.max_iters, cfg.batch_size * cfg.seq_len * rt.world_size, log=rt.log,
                         log_interval=cfg.log_interval, flops_per_token=flops_per_token, device=rt.device,
-                        dtype=rt.dtype, start_iter=start_iter, name="pretrain")
+                        dtype=rt.dtype, start_iter=start_iter)
     with StopFlag() as stop:               # Ctrl-C: finish the step, save, exit; a 2nd Ctrl-C: at once
-        for it in range(start_iter, cfg.pretrain_iters):
+        for it in range(start_iter, cfg.max_iters):
             batch = {k: v[share].to(rt.device) for k, v in next(stream).items()}
             lr = get_lr(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with rt.autocast():
-                mlm_logits, nsp_logits = ddp_model(batch["input_ids"], batch["token_type_ids"],
-                                                   batch["attention_mask"], batch["masked_positions"])
+                mlm_logits, nsp_logits = train_model(batch["input_ids"], batch["token_type_ids"],
+                                                     batch["attention_mask"], batch["masked_positions"])
             loss, mlm_loss, nsp_loss = pretraining_loss(mlm_logits, nsp_logits, batch["mlm_labels"],
                                                         batch["nsp_labels"])
-            optimizer.zero_grad(set_to_none=True)
             rt.scaler.scale(loss).backward()
+            # the optimizer step (same in every train.py)
             if cfg.grad_clip > 0:
                 rt.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             rt.scaler.step(optimizer)
             rt.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
             progress.step(it, loss=loss, lr=lr)
-            if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.pretrain_iters:
+
+            if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters:
                 metrics = evaluate_pretraining(model, val_batches, rt)
                 history.append({"iter": it + 1, "train_loss": loss.item(), "mlm_loss": mlm_loss.item(),
                                 "nsp_loss": nsp_loss.item(), **metrics})
@@ -374,168 +604,99 @@ def pretrain(cfg, rt, tokenizer, out_dir):
                 save(it + 1)
             if rt.all_reduce_mean(float(stop.requested)) > 0:      # every rank stops at the same step
                 save(it + 1)
-                raise UserError(f"interrupted after iter {it + 1}; checkpoint saved to {ckpt_path}, "
-                                f"continue with --resume")
+                rt.log(f"interrupted: saved {ckpt_path} at iter {it + 1}; continue with --resume")
+                sys.exit(130)
 
-    if not history or history[-1]["iter"] != cfg.pretrain_iters:    # e.g. resumed with nothing left to do
-        history.append({"iter": cfg.pretrain_iters, **evaluate_pretraining(model, val_batches, rt)})
-        save(cfg.pretrain_iters)
-    if rt.is_main:
-        model.save_pretrained(out_dir / "pretrained")   # config.json + model.safetensors, HF-loadable
+    if not history or history[-1]["iter"] != cfg.max_iters:    # e.g. resumed with nothing left to do
+        history.append({"iter": cfg.max_iters, **evaluate_pretraining(model, val_batches, rt)})
+        save(cfg.max_iters)
+    if rt.is_main:   # a Hugging Face folder; the tokenizer goes first, as config.json marks a complete folder
+        tokenizer.save(out_dir / "pretrained" / EXPORTED_TOKENIZER)
+        model.save_pretrained(out_dir / "pretrained")
     last = history[-1]
-    return {"val_loss": last["val_loss"], "mlm_accuracy": last["mlm_accuracy"],
-            "nsp_accuracy": last["nsp_accuracy"], "iters": cfg.pretrain_iters,
-            "first_train_loss": history[0].get("train_loss"), "last_train_loss": last.get("train_loss"),
-            "tokens_per_second": progress.average_tokens_per_second, "seconds": progress.seconds,
-            "history": history}
+    return model, {"val_loss": last["val_loss"], "mlm_accuracy": last["mlm_accuracy"],
+                   "nsp_accuracy": last["nsp_accuracy"], "iters": cfg.max_iters,
+                   "first_train_loss": history[0].get("train_loss"), "last_train_loss": last.get("train_loss"),
+                   "tokens_per_second": progress.average_tokens_per_second, "seconds": progress.seconds,
+                   "history": history}
 
 
-# ----------------------------------------------------------------------------------------- finetuning
+# ------------------------------------------------------------------------- or: a model pretrained before
+
+def load_finished_run(cfg, rt, out_dir):
+    """The pretrained model and tokenizer of the run in out_dir (--stage finetune, simcse): ckpt.pt of a
+    finished pretraining, and the tokenizer.json it was trained with."""
+    ckpt_path = out_dir / "ckpt.pt"
+    if not ckpt_path.is_file():
+        raise UserError(f"no pretraining run in {out_dir} (no ckpt.pt): run --stage pretrain first, or pass "
+                        f"--init_from a Hugging Face BERT folder")
+    checkpoint = load_run_checkpoint(ckpt_path)
+    planned = checkpoint["config"].get("max_iters")
+    if checkpoint["iter"] < planned:
+        raise UserError(f"the pretraining in {out_dir} stopped at iter {checkpoint['iter']} of {planned}: "
+                        f"finish it with --resume --stage pretrain")
+    tokenizer = load_run_tokenizer(out_dir / "tokenizer.json", checkpoint["tokenizer"])
+    config = BertConfig.from_dict({**checkpoint["bert_config"], "hidden_dropout_prob": cfg.dropout,
+                                   "attention_probs_dropout_prob": cfg.dropout})
+    model = BertForPretraining(config)
+    load_model_state(model, checkpoint["model"], ckpt_path)
+    rt.log(f"pretrained model: {ckpt_path} (iter {checkpoint['iter']})")
+    return model.to(rt.device), tokenizer
+
+
+def load_hf_folder(cfg, rt, folder):
+    """--init_from: a Hugging Face BERT folder (config.json + model.safetensors or pytorch_model.bin) and
+    its tokenizer: ours (llmfs_tokenizer.json, which pretraining exports beside the weights) or an
+    official checkpoint's WordPiece vocab.txt."""
+    if (folder / EXPORTED_TOKENIZER).is_file():
+        try:
+            tokenizer = BPETokenizer.load(folder / EXPORTED_TOKENIZER)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    elif (folder / "vocab.txt").is_file():
+        tokenizer = WordPieceTokenizer.load(folder)
+    else:
+        raise UserError(f"--init_from {folder}: no tokenizer there ({EXPORTED_TOKENIZER} or a WordPiece vocab.txt)")
+    missing = [s for s in SPECIAL_TOKENS if s not in tokenizer.special_tokens]
+    if missing:
+        raise UserError(f"--init_from {folder}: the tokenizer lacks the special tokens {', '.join(missing)}")
+    try:
+        model = BertForPretraining.from_pretrained(folder, hidden_dropout_prob=cfg.dropout,
+                                                   attention_probs_dropout_prob=cfg.dropout)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--init_from {folder}: {error}") from None
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"--init_from {folder}: the tokenizer has {tokenizer.vocab_size} tokens, the model's "
+                        f"embedding only {model.config.vocab_size}: they are not one checkpoint")
+    rt.log(f"pretrained model: {folder} ({model.config.num_hidden_layers} layers, hidden "
+           f"{model.config.hidden_size}, {tokenizer.vocab_size}-token {tokenizer.name} tokenizer)")
+    return model.to(rt.device), tokenizer
+
+
+# ----------------------------------------------------------------------------------------- finetuning data
+
+def load_task_examples(cfg):
+    """The classification task's train/val/test examples, read before anything slow runs, so that a bad
+    --task fails at once rather than after pretraining."""
+    examples = {s: data.load_task(cfg.task, s, num_labels=cfg.num_labels) for s in ("train", "val", "test")}
+    if "label" not in examples["train"][0]:
+        raise UserError(f"{cfg.task} is not a classification task (needs text,label examples)")
+    if cfg.max_ft_examples:
+        examples["train"] = random.Random(cfg.seed).sample(examples["train"], min(cfg.max_ft_examples,
+                                                                                   len(examples["train"])))
+    labels = set(data.task_labels(examples["train"]))
+    if len(labels) < 2:
+        raise UserError(f"{cfg.task}: the train examples have {len(labels)} label; classification needs two or more")
+    for s in ("val", "test"):                           # a user file's rare label may miss the train split
+        examples[s] = [e for e in examples[s] if e["label"] in labels]
+        if not examples[s]:
+            raise UserError(f"{cfg.task}: no {s} example has a label that the train examples have")
+    return examples
+
 
 def clean(text):
     """Whitespace collapsed, as the pretraining sentences were."""
     return " ".join(text.split())
-
-
-def macro_f1(predictions, targets, num_labels):
-    """Mean over labels of F1 = 2 TP / (2 TP + FP + FN); a label never predicted nor present counts 0.
-    >>> macro_f1([0, 0, 1], [0, 1, 1], 2)
-    0.6666666666666666
-    """
-    scores = []
-    for label in range(num_labels):
-        tp = sum(p == label and t == label for p, t in zip(predictions, targets))
-        fp = sum(p == label and t != label for p, t in zip(predictions, targets))
-        fn = sum(p != label and t == label for p, t in zip(predictions, targets))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(scores) / num_labels
-
-
-def scores(predictions, targets, num_labels):
-    accuracy = sum(p == t for p, t in zip(predictions, targets)) / len(targets)
-    return accuracy, macro_f1(predictions, targets, num_labels)
-
-
-def linear_schedule(optimizer, total_steps, warmup_fraction=0.1):
-    """lr(step) = peak * step / warmup for the first 10% of the steps, then linear decay to 0."""
-    warmup = max(1, int(total_steps * warmup_fraction))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / (total_steps - warmup)))
-
-
-def make_batch(sequences, pad_id, device):
-    batch = data.pad_batch(sequences, pad_id)
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
-
-
-@torch.no_grad()
-def predict(model, logits_of, split, num_examples, rt):
-    """Label predictions for every example of a split, in batches of similar length."""
-    model.eval()
-    predictions = []
-    for start in range(0, num_examples, 64):
-        with rt.autocast():
-            logits = logits_of(model, split, list(range(start, min(start + 64, num_examples))))
-        predictions += logits.argmax(-1).tolist()
-    model.train()
-    return predictions
-
-
-def train_and_select(model, params, splits, num_labels, cfg, rt, epochs, lr, logits_of, name):
-    """Train `params` for `epochs` on the train split and keep the state with the best val accuracy
-    (early stopping); return test (accuracy, macro-F1) of that state and the seconds it all took.
-    splits[s] = (token sequences, label ids); logits_of(model, split, indices) -> (B, num_labels)."""
-    started = time.perf_counter()
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    sequences, targets = splits["train"]
-    steps_per_epoch = math.ceil(len(sequences) / cfg.finetune_batch_size)
-    scheduler = linear_schedule(optimizer, epochs * steps_per_epoch)
-    lengths = [len(s) for s in sequences]
-    best_accuracy, best_state = -1.0, None
-    model.train()
-    for epoch in range(epochs):
-        for batch in data.batch_indices(lengths, cfg.finetune_batch_size, shuffle=True, seed=cfg.seed + epoch,
-                                        bucket=True):     # batches of similar lengths: little padding
-            with rt.autocast():
-                logits = logits_of(model, "train", batch)
-            loss = F.cross_entropy(logits.float(), torch.tensor([targets[i] for i in batch], device=rt.device))
-            optimizer.zero_grad(set_to_none=True)
-            rt.scaler.scale(loss).backward()
-            rt.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            rt.scaler.step(optimizer)
-            rt.scaler.update()
-            scheduler.step()
-        val_accuracy, _ = scores(predict(model, logits_of, "val", len(splits["val"][1]), rt), splits["val"][1],
-                                 num_labels)
-        if epochs <= 10 or (epoch + 1) % (epochs // 5) == 0:
-            rt.log(f"  {name} epoch {epoch + 1}/{epochs}: train loss {loss.item():.4f} | val accuracy {val_accuracy:.3f}")
-        if val_accuracy > best_accuracy:
-            best_accuracy, best_state = val_accuracy, {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    accuracy, f1 = scores(predict(model, logits_of, "test", len(splits["test"][1]), rt), splits["test"][1],
-                          num_labels)
-    return accuracy, f1, time.perf_counter() - started
-
-
-def finetune_full(encoder, bert_cfg, splits, num_labels, cfg, rt, pad_id, name):
-    """BertClassifier: logits = W_c Dropout(pooled [CLS]); every parameter trains."""
-    torch.manual_seed(cfg.seed)
-    model = BertClassifier(bert_cfg, num_labels).to(rt.device)
-    if encoder is not None:
-        model.bert.load_state_dict(encoder.state_dict())
-
-    def logits_of(m, split, indices):
-        input_ids, attention_mask = make_batch([splits[split][0][i] for i in indices], pad_id, rt.device)
-        return m(input_ids, attention_mask=attention_mask)
-
-    return train_and_select(model, list(model.parameters()), splits, num_labels, cfg, rt, cfg.finetune_epochs,
-                            cfg.finetune_lr, logits_of, name)
-
-
-def finetune_probe(encoder, bert_cfg, splits, num_labels, cfg, rt, pad_id, name):
-    """The linear probe: BertClassifier(freeze_encoder=True), only W_c and b_c train. The frozen encoder
-    runs in eval mode, so its pooled output is a fixed feature of each example: computed once here."""
-    torch.manual_seed(cfg.seed)
-    model = BertClassifier(bert_cfg, num_labels, freeze_encoder=True).to(rt.device)
-    if encoder is not None:
-        model.bert.load_state_dict(encoder.state_dict())
-    model.train()                                  # the classifier's dropout on, the frozen encoder in eval
-    features = {}
-    with torch.no_grad():
-        for split, (sequences, _) in splits.items():
-            pooled = [model.bert(*make_batch(sequences[k:k + 64], pad_id, rt.device))[1].float()
-                      for k in range(0, len(sequences), 64)]
-            features[split] = torch.cat(pooled)                                # (N, d_model)
-
-    def logits_of(m, split, indices):
-        return m.classifier(m.dropout(features[split][indices]))
-
-    return train_and_select(model, list(model.classifier.parameters()), splits, num_labels, cfg, rt,
-                            cfg.probe_epochs, cfg.probe_lr, logits_of, name)
-
-
-def finetune_prompt(pretrained, bert_cfg, splits, verbalizer, cfg, rt, pad_id, name):
-    """Cloze prompt learning: "[CLS] <text> This belongs to module [MASK]. [SEP]", classified by the MLM
-    head's logits at [MASK] restricted to the verbalizer tokens (one per label); all weights train.
-    Returns (zero-shot test accuracy before any finetuning, test accuracy, macro-F1, seconds)."""
-    torch.manual_seed(cfg.seed)
-    model = BertForPretraining(bert_cfg).to(rt.device)
-    if pretrained is not None:
-        model.load_state_dict(pretrained.state_dict())
-    verbalizer_ids = torch.tensor(verbalizer, device=rt.device)
-
-    def logits_of(m, split, indices):
-        sequences = [splits[split][0][i] for i in indices]
-        input_ids, attention_mask = make_batch(sequences, pad_id, rt.device)
-        mask_positions = torch.tensor([[len(s) - 3] for s in sequences], device=rt.device)  # ... [MASK] . [SEP]
-        mlm_logits, _ = m(input_ids, attention_mask=attention_mask, masked_positions=mask_positions)  # (B, 1, V)
-        return mlm_logits[:, 0, verbalizer_ids]                                                 # (B, num_labels)
-
-    zero_shot, _ = scores(predict(model, logits_of, "test", len(splits["test"][1]), rt), splits["test"][1],
-                          len(verbalizer))
-    return (zero_shot, *train_and_select(model, list(model.parameters()), splits, len(verbalizer), cfg, rt,
-                                         cfg.finetune_epochs, cfg.finetune_lr, logits_of, name))
 
 
 def choose_verbalizer(labels, tokenizer):
@@ -552,144 +713,242 @@ def choose_verbalizer(labels, tokenizer):
     return verbalizer
 
 
-def encode_plain(tokenizer, texts):
-    """Encode raw text: a special token's string inside it ("[SEP]" in a docstring) stays ordinary text."""
-    pattern = re.compile("|".join(re.escape(s) for s in tokenizer.special_tokens))
-    return tokenizer.encode_batch([pattern.sub(lambda m: m.group(0).lower(), t) for t in texts])
+# ----------------------------------------------------------------------------------------- finetuning
+
+def macro_f1(predictions, targets, num_labels):
+    """Mean over labels of F1 = 2 TP / (2 TP + FP + FN); a label never predicted nor present counts 0.
+    >>> macro_f1([0, 0, 1], [0, 1, 1], 2)
+    0.6666666666666666
+    """
+    scores = []
+    for label in range(num_labels):
+        tp = sum(p == label and t == label for p, t in zip(predictions, targets))
+        fp = sum(p == label and t != label for p, t in zip(predictions, targets))
+        fn = sum(p != label and t == label for p, t in zip(predictions, targets))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / num_labels
 
 
-def finetune(cfg, rt, tokenizer, out_dir):
+def accuracy(predictions, targets):
+    return sum(p == t for p, t in zip(predictions, targets)) / len(targets)
+
+
+def linear_schedule(optimizer, total_steps, warmup_fraction=0.1):
+    """lr(step) = peak * step / warmup for the first 10% of the steps, then linear decay to 0."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / (total_steps - warmup)))
+
+
+def make_batch(sequences, pad_id, device):
+    batch = data.pad_batch(sequences, pad_id)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def log_epoch(rt, name, epoch, epochs, loss, val_accuracy):
+    if epochs <= 10 or (epoch + 1) % (epochs // 5) == 0:          # at most ~10 lines per run
+        rt.log(f"  {name} epoch {epoch + 1}/{epochs}: train loss {loss.item():.4f} | val accuracy {val_accuracy:.3f}")
+
+
+@torch.no_grad()
+def classifier_predictions(model, sequences, pad_id, rt):
+    """A BertClassifier's label for each sequence."""
+    model.eval()
+    predictions = []
+    for k in range(0, len(sequences), 64):
+        input_ids, attention_mask = make_batch(sequences[k:k + 64], pad_id, rt.device)
+        with rt.autocast():
+            predictions += model(input_ids, attention_mask=attention_mask).argmax(-1).tolist()
+    return predictions
+
+
+def finetune_full(pretrained, bert_cfg, splits, num_labels, cfg, rt, pad_id, name):
+    """Full finetuning: BertClassifier, logits = W_c Dropout(pooled [CLS]), every weight trains. The
+    epoch with the best val accuracy is kept (early stopping); returns its test predictions."""
+    torch.manual_seed(cfg.seed)
+    model = BertClassifier(bert_cfg, num_labels).to(rt.device)
+    if pretrained is not None:
+        model.bert.load_state_dict(pretrained.bert.state_dict())
+    sequences, targets = splits["train"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.ft_lr, weight_decay=cfg.weight_decay)
+    scheduler = linear_schedule(optimizer, cfg.ft_epochs * math.ceil(len(sequences) / cfg.ft_batch_size))
+    best_accuracy, best_state = -1.0, None
+    for epoch in range(cfg.ft_epochs):
+        model.train()
+        for batch in data.batch_indices([len(s) for s in sequences], cfg.ft_batch_size, shuffle=True,
+                                        seed=cfg.seed + epoch, bucket=True):   # similar lengths: little padding
+            input_ids, attention_mask = make_batch([sequences[i] for i in batch], pad_id, rt.device)
+            with rt.autocast():
+                logits = model(input_ids, attention_mask=attention_mask)                # (B, num_labels)
+            loss = F.cross_entropy(logits.float(), torch.tensor([targets[i] for i in batch], device=rt.device))
+            rt.scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                rt.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        val_accuracy = accuracy(classifier_predictions(model, splits["val"][0], pad_id, rt), splits["val"][1])
+        log_epoch(rt, name, epoch, cfg.ft_epochs, loss, val_accuracy)
+        if val_accuracy > best_accuracy:
+            best_accuracy, best_state = val_accuracy, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return classifier_predictions(model, splits["test"][0], pad_id, rt)
+
+
+@torch.no_grad()
+def pooled_features(encoder, sequences, pad_id, rt):
+    """The frozen encoder's pooled [CLS] vector of each sequence, (N, hidden)."""
+    encoder.eval()
+    return torch.cat([encoder(*make_batch(sequences[k:k + 64], pad_id, rt.device))[1].float()
+                      for k in range(0, len(sequences), 64)])
+
+
+def finetune_probe(pretrained, bert_cfg, splits, num_labels, cfg, rt, pad_id, name):
+    """The linear probe: BertClassifier(freeze_encoder=True), only W_c and b_c train. The frozen encoder
+    runs in eval mode, so its pooled output is a fixed feature of each example: computed once here."""
+    torch.manual_seed(cfg.seed)
+    model = BertClassifier(bert_cfg, num_labels, freeze_encoder=True).to(rt.device)
+    if pretrained is not None:
+        model.bert.load_state_dict(pretrained.bert.state_dict())
+    features = {split: pooled_features(model.bert, sequences, pad_id, rt) for split, (sequences, _) in splits.items()}
+    targets = torch.tensor(splits["train"][1], device=rt.device)
+    optimizer = torch.optim.AdamW(model.classifier.parameters(), lr=cfg.probe_lr, weight_decay=cfg.weight_decay)
+    scheduler = linear_schedule(optimizer, cfg.probe_epochs * math.ceil(len(targets) / cfg.ft_batch_size))
+    best_accuracy, best_state = -1.0, None
+    for epoch in range(cfg.probe_epochs):
+        model.train()                                  # the classifier's dropout on; the frozen encoder stays in eval
+        shuffled = torch.randperm(len(targets), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        for batch in shuffled.split(cfg.ft_batch_size):
+            batch = batch.to(rt.device)
+            logits = model.classifier(model.dropout(features["train"][batch]))          # (B, num_labels)
+            loss = F.cross_entropy(logits, targets[batch])
+            rt.scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                rt.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        model.eval()
+        with torch.no_grad():
+            val_accuracy = accuracy(model.classifier(features["val"]).argmax(-1).tolist(), splits["val"][1])
+        log_epoch(rt, name, epoch, cfg.probe_epochs, loss, val_accuracy)
+        if val_accuracy > best_accuracy:
+            best_accuracy, best_state = val_accuracy, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    with torch.no_grad():
+        return model.classifier(features["test"]).argmax(-1).tolist()
+
+
+@torch.no_grad()
+def cloze_predictions(model, sequences, verbalizer_ids, pad_id, mask_id, rt):
+    """The label whose verbalizer token the MLM head ranks highest at each prompt's [MASK]."""
+    model.eval()
+    predictions = []
+    for k in range(0, len(sequences), 64):
+        chosen = sequences[k:k + 64]
+        input_ids, attention_mask = make_batch(chosen, pad_id, rt.device)
+        mask_positions = torch.tensor([[s.index(mask_id)] for s in chosen], device=rt.device)
+        with rt.autocast():
+            mlm_logits, _ = model(input_ids, attention_mask=attention_mask, masked_positions=mask_positions)
+        predictions += mlm_logits[:, 0, verbalizer_ids].argmax(-1).tolist()
+    return predictions
+
+
+def finetune_prompt(pretrained, bert_cfg, splits, verbalizer, cfg, rt, pad_id, mask_id, name):
+    """Cloze prompt learning: "[CLS] <text> This belongs to module [MASK]. [SEP]", classified by the MLM
+    head's logits at [MASK] restricted to the verbalizer tokens (one per label); all weights train.
+    Returns the zero-shot test predictions (before any finetuning) and those of the best val epoch."""
+    torch.manual_seed(cfg.seed)
+    model = BertForPretraining(bert_cfg).to(rt.device)
+    if pretrained is not None:
+        model.load_state_dict(pretrained.state_dict())
+    verbalizer_ids = torch.tensor(verbalizer, device=rt.device)
+    zero_shot = cloze_predictions(model, splits["test"][0], verbalizer_ids, pad_id, mask_id, rt)
+    sequences, targets = splits["train"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.ft_lr, weight_decay=cfg.weight_decay)
+    scheduler = linear_schedule(optimizer, cfg.ft_epochs * math.ceil(len(sequences) / cfg.ft_batch_size))
+    best_accuracy, best_state = -1.0, None
+    for epoch in range(cfg.ft_epochs):
+        model.train()
+        for batch in data.batch_indices([len(s) for s in sequences], cfg.ft_batch_size, shuffle=True,
+                                        seed=cfg.seed + epoch, bucket=True):
+            chosen = [sequences[i] for i in batch]
+            input_ids, attention_mask = make_batch(chosen, pad_id, rt.device)
+            mask_positions = torch.tensor([[s.index(mask_id)] for s in chosen], device=rt.device)   # (B, 1)
+            with rt.autocast():
+                mlm_logits, _ = model(input_ids, attention_mask=attention_mask, masked_positions=mask_positions)
+            logits = mlm_logits[:, 0, verbalizer_ids]                              # (B, num_labels)
+            loss = F.cross_entropy(logits.float(), torch.tensor([targets[i] for i in batch], device=rt.device))
+            rt.scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                rt.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        val_predictions = cloze_predictions(model, splits["val"][0], verbalizer_ids, pad_id, mask_id, rt)
+        val_accuracy = accuracy(val_predictions, splits["val"][1])
+        log_epoch(rt, name, epoch, cfg.ft_epochs, loss, val_accuracy)
+        if val_accuracy > best_accuracy:
+            best_accuracy, best_state = val_accuracy, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return zero_shot, cloze_predictions(model, splits["test"][0], verbalizer_ids, pad_id, mask_id, rt)
+
+
+def finetune(cfg, rt, tokenizer, pretrained, examples):
     """Stage 2: the three finetuning modes, each from the pretrained encoder and from a random one."""
-    pretrained_dir = out_dir / "pretrained"
-    if not (pretrained_dir / "config.json").is_file():
-        raise UserError(f"no pretrained model in {pretrained_dir}: run the pretrain stage first")
-    try:
-        pretrained = BertForPretraining.from_pretrained(pretrained_dir, hidden_dropout_prob=cfg.dropout,
-                                                        attention_probs_dropout_prob=cfg.dropout).to(rt.device)
-    except ValueError as error:
-        raise UserError(f"{pretrained_dir}: {error}") from None
     bert_cfg = pretrained.config
-    if bert_cfg.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"{pretrained_dir} has vocab_size {bert_cfg.vocab_size}, the tokenizer {tokenizer.vocab_size}")
     specials = tokenizer.special_tokens
     cls_id, sep_id, mask_id, pad_id = (specials[s] for s in ("[CLS]", "[SEP]", "[MASK]", "[PAD]"))
-
-    examples = {s: data.load_task(cfg.task, s, num_labels=cfg.num_labels) for s in ("train", "val", "test")}
-    if "label" not in examples["train"][0]:
-        raise UserError(f"{cfg.task} is not a classification task (needs text,label examples)")
-    if cfg.max_train_examples:
-        examples["train"] = random.Random(cfg.seed).sample(examples["train"], min(cfg.max_train_examples,
-                                                                                   len(examples["train"])))
     labels = data.task_labels(examples["train"])
     label_id = {label: i for i, label in enumerate(labels)}
-    for s in ("val", "test"):                           # a user file's rare label may miss the train split
-        examples[s] = [e for e in examples[s] if e["label"] in label_id]
     verbalizer = choose_verbalizer(labels, tokenizer)
-    prompt_ids = tokenizer.encode(PROMPT)
-    period_id = tokenizer.encode(".")
-    max_len = bert_cfg.max_position_embeddings
-    classify, cloze = {}, {}
+    prompt_ids, period_ids = tokenizer.encode(PROMPT), tokenizer.encode(".")
+    max_len = min(cfg.ft_max_len, bert_cfg.max_position_embeddings)
+    classify, cloze = {}, {}          # split -> (token sequences, label ids)
     for s, rows in examples.items():
         texts = encode_plain(tokenizer, [clean(e["text"]) for e in rows])
         targets = [label_id[e["label"]] for e in rows]
-        classify[s] = ([[cls_id] + ids[:cfg.finetune_len - 2] + [sep_id] for ids in texts], targets)
-        room = min(cfg.finetune_len, max_len) - len(prompt_ids) - len(period_id) - 3
-        cloze[s] = ([[cls_id] + ids[:room] + prompt_ids + [mask_id] + period_id + [sep_id] for ids in texts], targets)
+        classify[s] = ([[cls_id] + ids[:max_len - 2] + [sep_id] for ids in texts], targets)
+        room = max_len - len(prompt_ids) - len(period_ids) - 3
+        cloze[s] = ([[cls_id] + ids[:room] + prompt_ids + [mask_id] + period_ids + [sep_id] for ids in texts], targets)
     rt.log(f"finetuning on {cfg.task}: {len(examples['train'])} train / {len(examples['val'])} val / "
            f"{len(examples['test'])} test examples, {len(labels)} labels; verbalizer "
            + ", ".join(f"{label}->{tokenizer.decode([v])!r}" for label, v in zip(labels, verbalizer)))
 
+    test_targets = classify["test"][1]
     baseline = data.majority_baseline(examples["train"], examples["test"])
-    majority = label_id[max(labels, key=lambda label: (sum(e["label"] == label for e in examples["train"]), -labels.index(label)))]
-    baseline_f1 = macro_f1([majority] * len(classify["test"][1]), classify["test"][1], len(labels))
+    majority = label_id[min(labels, key=lambda label: (-sum(e["label"] == label for e in examples["train"]), label))]
+    baseline_f1 = macro_f1([majority] * len(test_targets), test_targets, len(labels))
     results = {}
-    for mode, run in (("full", finetune_full), ("probe", finetune_probe), ("prompt", finetune_prompt)):
+    for mode in ("full", "probe", "prompt"):
         row = {"metric": "accuracy", "pretrained": None, "scratch": None, "baseline": baseline, "seconds": 0.0}
         for init in ("pretrained", "scratch"):
             rt.log(f"{mode} finetuning, {init} encoder:")
-            if mode == "prompt":
-                zero_shot, accuracy, f1, seconds = run(pretrained if init == "pretrained" else None, bert_cfg, cloze,
-                                                       verbalizer, cfg, rt, pad_id, f"{mode}/{init}")
-                if init == "pretrained":
-                    row["zero_shot"] = zero_shot          # the prompt read by the pretrained MLM, untrained
+            started = time.perf_counter()
+            start_from, name = (pretrained if init == "pretrained" else None), f"{mode}/{init}"
+            if mode == "full":
+                predictions = finetune_full(start_from, bert_cfg, classify, len(labels), cfg, rt, pad_id, name)
+            elif mode == "probe":
+                predictions = finetune_probe(start_from, bert_cfg, classify, len(labels), cfg, rt, pad_id, name)
             else:
-                accuracy, f1, seconds = run(pretrained.bert if init == "pretrained" else None, bert_cfg, classify,
-                                            len(labels), cfg, rt, pad_id, f"{mode}/{init}")
-            row[init], row[f"{init}_f1"] = accuracy, f1
+                zero_shot, predictions = finetune_prompt(start_from, bert_cfg, cloze, verbalizer, cfg, rt, pad_id,
+                                                         mask_id, name)
+                if init == "pretrained":
+                    row["zero_shot"] = accuracy(zero_shot, test_targets)   # the pretrained MLM read untrained
+            seconds = time.perf_counter() - started
+            row[init] = accuracy(predictions, test_targets)
+            row[f"{init}_f1"] = macro_f1(predictions, test_targets, len(labels))
             row["seconds"] += seconds
-            rt.log(f"  -> {mode}/{init}: test accuracy {accuracy:.3f}, macro-F1 {f1:.3f} ({seconds:.1f}s)")
+            rt.log(f"  -> {name}: test accuracy {row[init]:.3f}, macro-F1 {row[f'{init}_f1']:.3f} ({seconds:.1f}s)")
         row["baseline_f1"] = baseline_f1
         results[mode] = row
-    return results, pretrained
-
-
-# ----------------------------------------------------------------------------------------- SimCSE
-
-def embed(encoder, sequences, pad_id, rt):
-    """Sentence embeddings for retrieval: the final hidden state at [CLS], before the pooler (as SimCSE
-    evaluates its unsupervised models)."""
-    encoder.eval()
-    with torch.no_grad():
-        out = [encoder(*make_batch(sequences[k:k + 64], pad_id, rt.device))[0][:, 0].float()
-               for k in range(0, len(sequences), 64)]
-    encoder.train()
-    return F.normalize(torch.cat(out), dim=-1)
-
-
-def retrieval_top1(encoder, queries, keys, pad_id, rt):
-    """Fraction of queries whose nearest key (cosine similarity) is their own (the same index)."""
-    similarity = embed(encoder, queries, pad_id, rt) @ embed(encoder, keys, pad_id, rt).T    # (N, N)
-    return (similarity.argmax(-1) == torch.arange(len(queries), device=similarity.device)).float().mean().item()
-
-
-def simcse(cfg, rt, tokenizer, out_dir):
-    """Unsupervised SimCSE: each sentence is encoded twice; dropout makes the two views differ.
-
-        L = -log exp(sim(h_i, h_i+) / tau) / sum_j exp(sim(h_i, h_j+) / tau),  sim = cosine,
-
-    the other sentences of the batch being the negatives. Evaluated by retrieval on docstring-summary
-    test: for each docstring body, is its own summary line the nearest of all test summaries?
-    """
-    started = time.perf_counter()
-    pretrained_dir = out_dir / "pretrained"
-    if not (pretrained_dir / "config.json").is_file():
-        raise UserError(f"no pretrained model in {pretrained_dir}: run the pretrain stage first")
-    encoder = BertForPretraining.from_pretrained(pretrained_dir, hidden_dropout_prob=cfg.dropout,
-                                                 attention_probs_dropout_prob=cfg.dropout).bert.to(rt.device)
-    specials = tokenizer.special_tokens
-    cls_id, sep_id, pad_id = specials["[CLS]"], specials["[SEP]"], specials["[PAD]"]
-
-    def encode(texts):
-        return [[cls_id] + ids[:cfg.finetune_len - 2] + [sep_id] for ids in encode_plain(tokenizer, map(clean, texts))]
-
-    train = data.load_task("docstring-summary", "train")
-    test = data.load_task("docstring-summary", "test")
-    sentences = encode([e["input"] for e in train] + [e["target"] for e in train])   # no pairing used
-    bodies, summaries = encode([e["input"] for e in test]), encode([e["target"] for e in test])
-    before = retrieval_top1(encoder, bodies, summaries, pad_id, rt)
-    rt.log(f"SimCSE: top-1 retrieval of the summary among {len(test)} test summaries before: {before:.3f}")
-
-    optimizer = configure_optimizer(encoder, cfg.simcse_lr, cfg.weight_decay)
-    rng = random.Random(cfg.seed)
-    progress = Progress(cfg.simcse_iters, 0, log=rt.log, log_interval=cfg.log_interval, name="simcse")
-    encoder.train()
-    for it in range(cfg.simcse_iters):
-        batch = rng.sample(sentences, min(cfg.simcse_batch_size, len(sentences)))
-        input_ids, attention_mask = make_batch(batch + batch, pad_id, rt.device)   # each sentence twice
-        with rt.autocast():
-            _, pooled = encoder(input_ids, attention_mask=attention_mask)          # pooler = SimCSE's MLP
-        z1, z2 = F.normalize(pooled.float(), dim=-1).chunk(2)                      # (B, C) each
-        similarity = z1 @ z2.T / cfg.temperature                                   # (B, B)
-        loss = F.cross_entropy(similarity, torch.arange(len(batch), device=rt.device))  # positives: diagonal
-        optimizer.zero_grad(set_to_none=True)
-        rt.scaler.scale(loss).backward()
-        rt.scaler.step(optimizer)
-        rt.scaler.update()
-        progress.step(it, loss=loss, lr=cfg.simcse_lr)
-    after = retrieval_top1(encoder, bodies, summaries, pad_id, rt)
-    rt.log(f"SimCSE: top-1 retrieval after: {after:.3f}")
-    return {"metric": "top1_retrieval", "before": before, "after": after,
-            "baseline": 1 / len(test), "seconds": time.perf_counter() - started}
+    return results
 
 
 # ----------------------------------------------------------------------------------------- samples
@@ -715,74 +974,129 @@ def fill_mask_samples(model, tokenizer, rt):
     return samples
 
 
-# ----------------------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------------------- SimCSE
 
-def get_tokenizer(cfg, out_dir, rt):
-    """The BPE tokenizer with [PAD] [CLS] [SEP] [MASK], trained once per corpus and vocab size."""
-    corpus = data.load_corpus(cfg.data)
-    digest = hashlib.sha1(corpus.encode("utf-8")).hexdigest()[:10]
-    path = out_dir / f"tokenizer-{cfg.vocab_size}-{digest}.json"
-    if path.is_file():
-        try:
-            return BPETokenizer.load(path)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-    if cfg.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
-        raise UserError(f"--vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1}")
+def embed(encoder, sequences, pad_id, rt):
+    """Sentence embeddings for retrieval: the final hidden state at [CLS], before the pooler (as SimCSE
+    evaluates its unsupervised models)."""
+    encoder.eval()
+    with torch.no_grad():
+        out = [encoder(*make_batch(sequences[k:k + 64], pad_id, rt.device))[0][:, 0].float()
+               for k in range(0, len(sequences), 64)]
+    encoder.train()
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+def retrieval_top1(encoder, queries, keys, pad_id, rt):
+    """Fraction of queries whose nearest key (cosine similarity) is their own (the same index)."""
+    similarity = embed(encoder, queries, pad_id, rt) @ embed(encoder, keys, pad_id, rt).T    # (N, N)
+    return (similarity.argmax(-1) == torch.arange(len(queries), device=similarity.device)).float().mean().item()
+
+
+def simcse(cfg, rt, tokenizer, pretrained):
+    """Unsupervised SimCSE: each sentence is encoded twice; dropout makes the two views differ.
+
+        L = -log exp(sim(h_i, h_i+) / tau) / sum_j exp(sim(h_i, h_j+) / tau),  sim = cosine,
+
+    the other sentences of the batch being the negatives. Evaluated by retrieval on docstring-summary
+    test: for each docstring body, is its own summary line the nearest of all test summaries?
+    """
     started = time.perf_counter()
-    tokenizer = BPETokenizer.train(corpus, cfg.vocab_size, special_tokens=SPECIAL_TOKENS, name="bert-bpe")
-    if rt.is_main:
-        tokenizer.save(path)
-    rt.log(f"trained a {tokenizer.vocab_size}-token BPE tokenizer in {time.perf_counter() - started:.1f}s -> {path}")
-    return tokenizer
+    encoder = pretrained.bert
+    specials = tokenizer.special_tokens
+    cls_id, sep_id, pad_id = specials["[CLS]"], specials["[SEP]"], specials["[PAD]"]
+    max_len = min(cfg.ft_max_len, pretrained.config.max_position_embeddings)
 
+    def encode(texts):
+        return [[cls_id] + ids[:max_len - 2] + [sep_id] for ids in encode_plain(tokenizer, map(clean, texts))]
+
+    train = data.load_task("docstring-summary", "train")
+    test = data.load_task("docstring-summary", "test")
+    sentences = encode([e["input"] for e in train] + [e["target"] for e in train])   # no pairing used
+    bodies, summaries = encode([e["input"] for e in test]), encode([e["target"] for e in test])
+    before = retrieval_top1(encoder, bodies, summaries, pad_id, rt)
+    rt.log(f"SimCSE: top-1 retrieval of the summary among {len(test)} test summaries before: {before:.3f}")
+
+    optimizer = configure_optimizer(encoder, cfg.simcse_lr, cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    progress = Progress(cfg.simcse_iters, 0, log=rt.log, log_interval=cfg.log_interval, name="simcse")
+    encoder.train()
+    for it in range(cfg.simcse_iters):
+        batch = rng.sample(sentences, min(cfg.simcse_batch_size, len(sentences)))
+        input_ids, attention_mask = make_batch(batch + batch, pad_id, rt.device)   # each sentence twice
+        with rt.autocast():
+            _, pooled = encoder(input_ids, attention_mask=attention_mask)          # pooler = SimCSE's MLP
+        z1, z2 = F.normalize(pooled.float(), dim=-1).chunk(2)                      # (B, C) each
+        similarity = z1 @ z2.T / cfg.temperature                                   # (B, B)
+        loss = F.cross_entropy(similarity, torch.arange(len(batch), device=rt.device))  # positives: diagonal
+        rt.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            rt.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
+        rt.scaler.step(optimizer)
+        rt.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step(it, loss=loss, lr=cfg.simcse_lr)
+    after = retrieval_top1(encoder, bodies, summaries, pad_id, rt)
+    rt.log(f"SimCSE: top-1 retrieval after: {after:.3f}")
+    return {"metric": "top1_retrieval", "before": before, "after": after,
+            "baseline": 1 / len(test), "seconds": time.perf_counter() - started}
+
+
+# ----------------------------------------------------------------------------------------- main
 
 def main(argv=None):
     cfg = parse_config(Config, presets=PRESETS, argv=argv, description=__doc__.split("\n")[0])
-    if cfg.stage not in ("all", "pretrain", "finetune", "simcse"):
-        raise UserError(f"unknown stage {cfg.stage!r} (valid: all, pretrain, finetune, simcse)")
-    for name in ("pretrain_iters", "batch_size", "seq_len", "n_layer", "d_model", "finetune_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be positive")
-    if cfg.d_model % cfg.n_head:
-        raise UserError(f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}")
-    if cfg.seq_len < 8 or cfg.finetune_len < 16:
-        raise UserError("--seq_len must be at least 8 and --finetune_len at least 16")
+    check_config(cfg)
     started = time.perf_counter()
     rt = setup(device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, seed=cfg.seed)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rt.log(f"04_bert on {rt.device} ({str(rt.dtype).removeprefix('torch.')}), stage {cfg.stage}, out_dir {out_dir}")
-    tokenizer = get_tokenizer(cfg, out_dir, rt)
-    if any(s not in tokenizer.special_tokens for s in SPECIAL_TOKENS):
-        raise UserError(f"the tokenizer lacks the special tokens {SPECIAL_TOKENS}")
+    report = {"chapter": "04_bert", "device": str(rt.device)}
+    examples = load_task_examples(cfg) if cfg.stage in ("all", "finetune") else None
 
-    report_path = out_dir / "report.json"
-    report = {"chapter": "04_bert", "device": str(rt.device), "task": cfg.task}
-    if cfg.stage in ("finetune", "simcse") and report_path.is_file():
-        report = {**json.loads(report_path.read_text()), **report}     # keep the earlier stages' figures
-    if cfg.stage in ("all", "pretrain"):
-        report["pretrain"] = pretrain(cfg, rt, tokenizer, out_dir)
+    # the pretrained model: a Hugging Face folder, this out_dir's finished run, or pretraining it now
+    if cfg.init_from:
+        folder = Path(cfg.init_from)
+        pretrained, tokenizer = load_hf_folder(cfg, rt, folder)
+        if folder.resolve() != (out_dir / "pretrained").resolve():     # not this out_dir's own export
+            claim_out_dir(out_dir, {"init_from": str(folder.resolve())}, ["init_from"], log=rt.log)
+            report["init_from"] = str(folder)
+    elif cfg.stage in ("finetune", "simcse"):
+        pretrained, tokenizer = load_finished_run(cfg, rt, out_dir)
+    else:
+        checkpoint = checkpoint_to_resume(cfg, out_dir) if cfg.resume else None
+        documents = pretraining_documents(cfg.data)
+        claim_out_dir(out_dir, asdict(cfg), CLAIMED_FIELDS, log=rt.log)
+        if checkpoint is not None:
+            tokenizer = load_run_tokenizer(out_dir / "tokenizer.json", checkpoint["tokenizer"])
+        else:
+            tokenizer = BPETokenizer.load_or_train(documents, cfg.vocab_size, special_tokens=SPECIAL_TOKENS,
+                                                   name="bert-bpe", runtime=rt, log=rt.log)
+        if examples is not None:
+            choose_verbalizer(data.task_labels(examples["train"]), tokenizer)   # fails now, not after pretraining
+        pretrained, report["pretrain"] = pretrain(cfg, rt, tokenizer, documents, out_dir, checkpoint)
     if not rt.is_main:
         return None                        # finetuning is small: the main process does it alone
+
     if cfg.stage in ("all", "finetune"):
-        report["finetune"], pretrained = finetune(cfg, rt, tokenizer, out_dir)
+        report["task"] = cfg.task
+        report["finetune"] = finetune(cfg, rt, tokenizer, pretrained, examples)
         report["samples"] = fill_mask_samples(pretrained, tokenizer, rt)
     if cfg.stage == "simcse":
-        report["simcse"] = simcse(cfg, rt, tokenizer, out_dir)
-    report["seconds"] = time.perf_counter() - started
-    printable = {k: v for k, v in report.items() if k != "pretrain"}
-    if "pretrain" in report:
-        printable["pretrain"] = {k: v for k, v in report["pretrain"].items() if k != "history"}
-    print_report(printable, "04_bert report")
-    if "simcse" in report:
+        report["simcse"] = simcse(cfg, rt, tokenizer, pretrained)
+    if cfg.stage == "all":
+        report["seconds"] = time.perf_counter() - started
+    report_path = out_dir / "report.json"
+    merged = write_report(report_path, report, log=rt.log)     # --stage X replaces its part, keeps the rest
+    print_report(merged, "04_bert report", log=rt.log)
+    if "simcse" in merged:
         rt.log("simcse: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in report["simcse"].items()))
-    for sample in report.get("samples", []):
+                                      for k, v in merged["simcse"].items()))
+    for sample in merged.get("samples", []):
         rt.log(sample)
-    write_report(report_path, report)
     rt.log(f"wrote {report_path}")
-    return report
+    return merged
 
 
 if __name__ == "__main__":

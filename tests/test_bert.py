@@ -1,6 +1,6 @@
 """04_bert: the model matches Hugging Face BERT, honours padding and ties its weights; the pretraining
 data follows the original recipe (80/10/10 masking, a prediction cap, 50% random next segments); the
-whole train.py runs end to end on a tiny preset."""
+whole train.py runs end to end on a tiny preset, stops on Ctrl-C and resumes to the uninterrupted result."""
 
 import json
 import math
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT, load_module, reference
+from conftest import REPO_ROOT, interrupt_after_iteration, load_module, reference
 
 bert = load_module("04_bert/model.py")
 
@@ -225,18 +225,21 @@ def test_from_pretrained_reads_a_hand_made_folder(tmp_path):
         bert.BertForPretraining.from_pretrained(tmp_path)
 
 
-def test_matches_transformers_bert_for_pretraining(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_matches_transformers_bert_for_pretraining(tmp_path, sharded):
     """Our forward equals transformers.BertForPreTraining's (mlm, nsp) logits to float32 precision, with
-    padding and two segments; and transformers loads what save_pretrained writes."""
+    padding and two segments, loaded from its model.safetensors or from shards and their index. (The
+    other direction, our export loaded by transformers, is the last test of this file.)"""
     transformers = reference("transformers")
     torch.manual_seed(0)
     hf_config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                         intermediate_size=37, max_position_embeddings=64)
-    reference = transformers.BertForPreTraining(hf_config).eval()
+    theirs = transformers.BertForPreTraining(hf_config).eval()
     with torch.no_grad():
-        for p in reference.parameters():
+        for p in theirs.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    reference.save_pretrained(tmp_path / "hf")
+    theirs.save_pretrained(tmp_path / "hf", max_shard_size="20kB" if sharded else "5GB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() == sharded
     ours = bert.BertForPretraining.from_pretrained(tmp_path / "hf").eval()
 
     g = torch.Generator().manual_seed(6)
@@ -245,18 +248,12 @@ def test_matches_transformers_bert_for_pretraining(tmp_path):
     mask = torch.ones(3, 20, dtype=torch.long)
     mask[1, 15:], mask[2, 5:] = 0, 0
     with torch.no_grad():
-        expected = reference(input_ids=ids, token_type_ids=segments, attention_mask=mask)
+        expected = theirs(input_ids=ids, token_type_ids=segments, attention_mask=mask)
         mlm, nsp = ours(ids, segments, mask)
     diff = max((mlm - expected.prediction_logits).abs().max().item(),
                (nsp - expected.seq_relationship_logits).abs().max().item())
     print(f"max abs diff vs transformers: {diff:.2e}")
     assert diff < 1e-5
-
-    ours.save_pretrained(tmp_path / "ours")
-    reloaded = transformers.BertForPreTraining.from_pretrained(tmp_path / "ours").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).prediction_logits,
-                                   ours(ids, attention_mask=mask)[0], atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- pretraining data
@@ -364,20 +361,87 @@ def test_pretraining_stream_resumes_where_it_stopped():
         assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+def test_a_corpus_smaller_than_a_batch_still_gives_full_batches():
+    """Passes are chained: one pass of 3 short documents makes fewer pairs than a batch of 64 holds."""
+    documents = toy_documents(num_docs=3, seed=3)
+    cfg = train.Config(seq_len=24, max_predictions=3)
+    per_pass = len(train.make_instances(documents, __import__("random").Random(cfg.seed), cfg, SPECIALS))
+    assert per_pass < 64
+    batch = next(train.pretraining_batches(documents, cfg, SPECIALS, PAD, batch_size=64))
+    assert batch["input_ids"].shape == (64, 24)
+
+
+def test_text_files_are_split_into_documents_at_blank_lines(tmp_path):
+    """BERT's data format: blank lines separate documents, so two files give many documents; too few is
+    one line that says what is needed."""
+    (tmp_path / "a.txt").write_text("\n\n".join(f"Paragraph {i}. It has two sentences." for i in range(12)))
+    (tmp_path / "b.txt").write_text("\n \n".join(f"Another {i}.\nOn two lines." for i in range(9)))
+    documents = train.pretraining_documents(str(tmp_path))
+    assert len(documents) == 21 and documents[0] == "Paragraph 0. It has two sentences."
+    (tmp_path / "b.txt").write_text("Only one paragraph here.")
+    with pytest.raises(train.UserError, match=r"has 13 documents .*needs at least 20"):
+        train.pretraining_documents(str(tmp_path))
+
+
 def test_train_helpers_doctests():
     import doctest
     assert doctest.testmod(train, verbose=False).failed == 0
+
+
+# ----------------------------------------------------------------------------------------- WordPiece
+
+WORDPIECE_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "un", "##aff", "##able", "return",
+                   "##s", "a", "new", "list", "cafe", "hello", "world", "!", ",", ".", "(", ")", "$", "中", "国",
+                   "x", "##y", "##z", "Hello", "World"]
+
+
+def test_wordpiece_matches_transformers_bert_tokenizer(tmp_path):
+    """The WordPiece tokenizer of an official BERT folder gives the ids of transformers' BertTokenizer:
+    accents stripped when uncased, punctuation and CJK characters split, longest match first, [UNK]."""
+    transformers = reference("transformers")
+    (tmp_path / "vocab.txt").write_text("\n".join(WORDPIECE_VOCAB) + "\n")
+    texts = ["unaffable", "Returns a new list (the list)!", "  Café,\tHELLO  world.", "中国 x xy xyz xq",
+             "$5 hello\u00a0world\u200b", "unaffablez", "a" * 101]
+    for lower_case in (True, False):
+        ours = train.WordPieceTokenizer(train.WordPieceTokenizer.load(tmp_path).vocab, lower_case=lower_case)
+        theirs = transformers.BertTokenizer(str(tmp_path / "vocab.txt"), do_lower_case=lower_case)
+        for text in texts:
+            assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), (lower_case, text)
+    ours = train.WordPieceTokenizer.load(tmp_path)
+    assert ours.encode("the [MASK] list", allowed_special={"[MASK]"}) == [5, 4, 13]
+    assert ours.decode(ours.encode("unaffable")) == "unaffable"
+
+
+def test_an_official_style_bert_folder_with_vocab_txt_finetunes(tmp_path, capsys):
+    """--init_from a Hugging Face folder holding a WordPiece vocab.txt (as the official checkpoints do)
+    runs the three finetuning modes."""
+    folder = tmp_path / "bert-wordpiece"
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = WORDPIECE_VOCAB + letters + ["##" + c for c in letters]
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    perturbed_model(tiny_config(vocab_size=len(vocab), max_position_embeddings=64)).save_pretrained(folder)
+    report = train.main(["--preset", "tiny", "--device", "cpu", "--init_from", str(folder), "--stage", "finetune",
+                         "--out_dir", str(tmp_path / "out")])
+    assert set(report["finetune"]) == {"full", "probe", "prompt"} and report["init_from"] == str(folder)
+    assert "pretrain" not in report
+    assert f"pretrained model: {folder} (2 layers, hidden 32, {len(vocab)}-token bert-wordpiece tokenizer)" \
+        in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One tiny run of train.py on a small corpus (the last 300 pydocs documents, as one text file)."""
+    """One tiny run of train.py on a small corpus: the last 300 pydocs documents, as a folder of two text
+    files with blank lines between the documents."""
     from common import data
     folder = tmp_path_factory.mktemp("bert")
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n\n".join(data.corpus_documents("pydocs")[-300:]))
+    corpus = folder / "corpus"
+    corpus.mkdir()
+    documents = data.corpus_documents("pydocs")[-300:]
+    (corpus / "a.txt").write_text("\n\n".join(documents[:150]))
+    (corpus / "b.txt").write_text("\n\n".join(documents[150:]))
     out_dir = folder / "out"
     command = [sys.executable, str(REPO_ROOT / "04_bert/train.py"), "--preset", "tiny", "--data", str(corpus),
                "--out_dir", str(out_dir)]
@@ -401,15 +465,21 @@ def test_tiny_run_reports_pretraining_and_three_finetuning_modes(tiny_run):
         assert row["metric"] == "accuracy"
         for key in ("pretrained", "scratch", "baseline", "pretrained_f1", "scratch_f1", "seconds"):
             assert 0 <= row[key] <= (1 if key != "seconds" else 1e4)
-    assert re.search(r"pretrain iter\s+10/30 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d.]+k? tok/s .*ETA", stdout)
-    assert "tok/s" in stdout and "ETA" in stdout and "MLM accuracy" in stdout and "04_bert report" in stdout
+    assert re.search(r"^iter 10/30 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d.]+k? tok/s .*ETA", stdout, re.MULTILINE)
+    assert "MLM accuracy" in stdout and "04_bert report" in stdout
+    assert re.search(r"pretraining data: \d+ train / \d+ val documents", stdout)
 
 
 def test_tiny_run_checkpoint_and_export_load(tiny_run):
+    """ckpt.pt, tokenizer.json and the exported Hugging Face folder (with our tokenizer) are one model."""
     from common.checkpoint import load_checkpoint
+    from common.tokenizer import BPETokenizer
     _, out_dir, _ = tiny_run
     ckpt = load_checkpoint(out_dir / "ckpt.pt")
-    assert ckpt["iter"] == train.PRESETS["tiny"]["pretrain_iters"]
+    assert ckpt["iter"] == train.PRESETS["tiny"]["max_iters"]
+    tokenizer = BPETokenizer.load(out_dir / "tokenizer.json")
+    assert ckpt["tokenizer"] == tokenizer.fingerprint
+    assert BPETokenizer.load(out_dir / "pretrained" / "llmfs_tokenizer.json").fingerprint == tokenizer.fingerprint
     exported = bert.BertForPretraining.from_pretrained(out_dir / "pretrained").eval()
     model = bert.BertForPretraining(exported.config)
     model.load_state_dict(ckpt["model"])
@@ -419,71 +489,121 @@ def test_tiny_run_checkpoint_and_export_load(tiny_run):
         torch.testing.assert_close(model(ids)[0], exported(ids)[0])   # the export is the checkpoint's model
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tiny_run, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_run, tmp_path):
+    command, _, _ = tiny_run
+    corpus = command[command.index("--data") + 1]
+    interrupt_after_iteration(REPO_ROOT / "04_bert/train.py", tmp_path, extra_args=["--data", corpus])
+    assert (tmp_path / "tokenizer.json").is_file()               # what --resume needs beside the checkpoint
+
+
+class StopAfter:
+    """Stands in for StopFlag: Ctrl-C pressed during step `steps` (its `requested` turns true at the
+    `steps`-th reading, one per step), at the same step every time, unlike a real signal."""
+
+    def __init__(self, steps):
+        self.steps, self.readings = steps, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def requested(self):
+        self.readings += 1
+        return self.readings >= self.steps
+
+
+def test_resume_after_a_stop_equals_the_uninterrupted_run(tiny_run, tmp_path, monkeypatch, capsys):
+    """Stopped at step 17 of 30 (after the eval at 10), then --resume: the same weights, bit for bit, and
+    the same eval history as one uninterrupted run: data stream, dropout masks, optimizer and schedule
+    all continue where they stopped."""
+    command, _, _ = tiny_run
+    argv = command[2:] + ["--stage", "pretrain", "--device", "cpu", "--eval_interval", "10"]
+    whole = train.main(argv + ["--out_dir", str(tmp_path / "whole")])
+    monkeypatch.setattr(train, "StopFlag", lambda: StopAfter(17))
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv + ["--out_dir", str(tmp_path / "stopped")])
+    assert stop.value.code == 130
+    ckpt_path = tmp_path / "stopped" / "ckpt.pt"
+    assert f"interrupted: saved {ckpt_path} at iter 17; continue with --resume" in capsys.readouterr().out
+    monkeypatch.undo()
+    resumed = train.main(argv + ["--out_dir", str(tmp_path / "stopped"), "--resume"])
+    assert f"resumed from {ckpt_path} at iter 17" in capsys.readouterr().out
+    assert [h["iter"] for h in resumed["pretrain"]["history"]] == [10, 20, 30]
+    assert resumed["pretrain"]["history"] == whole["pretrain"]["history"]
+    expected = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
+    got = torch.load(ckpt_path, weights_only=True)
+    assert got["iter"] == expected["iter"] == 30
+    assert all(torch.equal(got["model"][k], expected["model"][k]) for k in expected["model"])
+
+
+def run_in_process(argv, capsys):
+    """main(argv) as `python train.py ARGV` runs it: (exit code, the lines on stderr)."""
+    from common.config import run_main
+    try:
+        run_main(train.main, argv)
+        code = 0
+    except SystemExit as error:
+        code = error.code
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_stages_that_read_a_run_check_its_tokenizer_and_that_it_finished(tiny_run, tmp_path, capsys):
     import shutil
-    import signal
     command, out_dir, _ = tiny_run
-    for tokenizer_file in out_dir.glob("tokenizer-*.json"):             # reuse the trained tokenizer
-        shutil.copy(tokenizer_file, tmp_path)
-    long_run = command + ["--out_dir", str(tmp_path), "--stage", "pretrain", "--pretrain_iters", "100000",
-                          "--eval_interval", "100000"]
-    process = subprocess.Popen(long_run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if re.search(r"pretrain iter\s+20/100000", line):
-            process.send_signal(signal.SIGINT)
-            break
-    stderr = process.communicate(timeout=120)[1]
-    assert process.returncode == 2
-    assert stderr.startswith("error: interrupted after iter ") and len(stderr.strip().splitlines()) == 1, stderr
-    from common.checkpoint import load_checkpoint
-    stopped = load_checkpoint(tmp_path / "ckpt.pt")["iter"]
-    assert stopped >= 20 and f"after iter {stopped};" in stderr
-
-    resumed = subprocess.run(long_run[:-4] + ["--stage", "pretrain", "--resume", "--pretrain_iters", str(stopped + 10)],
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {tmp_path / 'ckpt.pt'} at iter {stopped}" in resumed.stdout
-    assert re.search(rf"pretrain iter\s+{stopped + 1}/{stopped + 10}", resumed.stdout)   # no restart at iter 1
-    assert load_checkpoint(tmp_path / "ckpt.pt")["iter"] == stopped + 10
+    for name in ("ckpt.pt", "tokenizer.json", "run.json"):
+        shutil.copy(out_dir / name, tmp_path / name)
+    argv = command[2:] + ["--out_dir", str(tmp_path), "--stage", "finetune"]
+    from common.tokenizer import BPETokenizer
+    other = BPETokenizer.train("some other text entirely " * 20, 270, special_tokens=train.SPECIAL_TOKENS)
+    other.save(tmp_path / "tokenizer.json")
+    code, errors = run_in_process(argv, capsys)
+    assert code == 2 and len(errors) == 1 and "is not the tokenizer the checkpoint beside it was trained with" in errors[0]
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    code, errors = run_in_process(argv, capsys)
+    assert code == 2 and len(errors) == 1 and "tokenizer.json is not a tokenizer file" in errors[0]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "iter": 12}, tmp_path / "ckpt.pt")
+    code, errors = run_in_process(argv, capsys)
+    assert code == 2 and len(errors) == 1 and "stopped at iter 12 of 30: finish it with --resume" in errors[0]
 
 
-def test_bad_input_is_one_line_and_a_nonzero_exit(tiny_run, tmp_path):
-    import shutil
+def test_init_from_the_exported_folder_finetunes_as_the_run_did(tiny_run, tmp_path):
+    """--init_from out_dir/pretrained (a Hugging Face folder with our tokenizer) gives the finetuning
+    results of the run that exported it; its report goes to its own --out_dir."""
     command, out_dir, _ = tiny_run
-    for tokenizer_file in out_dir.glob("tokenizer-*.json"):             # skip training a tokenizer
-        shutil.copy(tokenizer_file, tmp_path)
-    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    for extra in (["--data", str(tmp_path / "missing.txt")], ["--out_dir", str(tmp_path), "--resume"],
-                  ["--preset", "huge"]):
-        bad = subprocess.run(command + extra, capture_output=True, text=True, timeout=120)
-        assert bad.returncode != 0
-        assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
-        assert bad.stderr.startswith("error:")
+    report = train.main(command[2:] + ["--init_from", str(out_dir / "pretrained"), "--stage", "finetune",
+                                       "--out_dir", str(tmp_path)])
+    expected = json.loads((out_dir / "report.json").read_text())["finetune"]
+    for mode, row in report["finetune"].items():
+        assert (row["pretrained"], row["scratch"]) == (expected[mode]["pretrained"], expected[mode]["scratch"]), mode
+    assert json.loads((tmp_path / "run.json").read_text())["config"] == {"init_from": str((out_dir / "pretrained").resolve())}
 
 
 def test_tiny_simcse_stage_reports_retrieval_before_and_after(tiny_run):
     command, out_dir, _ = tiny_run
+    before = json.loads((out_dir / "report.json").read_text())
     report = train.main(command[2:] + ["--stage", "simcse"])            # in-process: argv without the script
     simcse = report["simcse"]
     assert simcse["metric"] == "top1_retrieval"
     assert 0 <= simcse["before"] <= 1 and 0 <= simcse["after"] <= 1 and 0 < simcse["baseline"] < 0.05
     saved = json.loads((out_dir / "report.json").read_text())
-    assert saved["simcse"] == pytest.approx(simcse) and "finetune" in saved   # earlier stages kept
+    assert saved["simcse"] == pytest.approx(simcse)
+    assert (saved["pretrain"], saved["finetune"], saved["seconds"]) == (before["pretrain"], before["finetune"], before["seconds"])
 
 
 def test_two_process_ddp_pretraining_on_cpu(tiny_run, tmp_path):
     """Under torchrun each rank trains on its share of every step's batch; rank 0 writes the checkpoint."""
     import os
-    import shutil
-    command, out_dir, _ = tiny_run
-    for tokenizer_file in out_dir.glob("tokenizer-*.json"):
-        shutil.copy(tokenizer_file, tmp_path)
+    command, _, _ = tiny_run
     ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command[1:],
            "--out_dir", str(tmp_path), "--stage", "pretrain", "--device", "cpu"]
     result = subprocess.run(ddp, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     from common.checkpoint import load_checkpoint
-    assert load_checkpoint(tmp_path / "ckpt.pt")["iter"] == train.PRESETS["tiny"]["pretrain_iters"]
+    assert load_checkpoint(tmp_path / "ckpt.pt")["iter"] == train.PRESETS["tiny"]["max_iters"]
     assert json.loads((tmp_path / "report.json").read_text())["pretrain"]["val_loss"] > 0
 
 
@@ -493,3 +613,28 @@ def test_token_id_outside_the_vocabulary_is_a_clear_error():
                                                     max_position_embeddings=8))
     with pytest.raises(ValueError, match="token id 12 is outside the vocabulary"):
         model(torch.tensor([[1, 12]]))
+
+
+# ----------------------------------------------------------------------------------------- export
+
+def test_save_pretrained_loads_in_transformers_with_the_same_logits(tmp_path):
+    """A random model of ours, exported, is a BertForPreTraining with the same (mlm, nsp) logits, its
+    decoder tied to the word embeddings again; the export is two files, written atomically."""
+    transformers = reference("transformers")
+    ours = perturbed_model(tiny_config())
+    ours.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    theirs = transformers.BertForPreTraining.from_pretrained(tmp_path).eval()
+    decoder, embedding = theirs.cls.predictions.decoder.weight, theirs.bert.embeddings.word_embeddings.weight
+    assert decoder.data_ptr() == embedding.data_ptr()                   # tied again, not a copy
+    g = torch.Generator().manual_seed(3)
+    ids, segments = torch.randint(0, 61, (3, 20), generator=g), torch.randint(0, 2, (3, 20), generator=g)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, 12:] = 0
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, token_type_ids=segments, attention_mask=mask)
+        mlm, nsp = ours(ids, segments, mask)
+    mlm_diff = (mlm - expected.prediction_logits).abs().max().item()
+    nsp_diff = (nsp - expected.seq_relationship_logits).abs().max().item()
+    print(f"BERT export: max |ours - transformers| MLM {mlm_diff:.2e}, NSP {nsp_diff:.2e}")
+    assert mlm_diff < 1e-5 and nsp_diff < 1e-5
