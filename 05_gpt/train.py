@@ -1,14 +1,16 @@
 """Chapter 05: pretrain a GPT, then finetune it to follow instructions and to classify, then deploy it.
 
     python 05_gpt/train.py                                  # everything, on 2 CPU cores in ~5 minutes
+    python 05_gpt/train.py --preset tiny                    # seconds: a smoke test, in out/05_gpt-tiny
     python 05_gpt/train.py --device cuda --preset gpt2-124m --data my_corpus.txt
     torchrun --standalone --nproc_per_node=2 05_gpt/train.py
     python 05_gpt/train.py --stage sample --prompt "def "
 
 The recipe, top to bottom:
- 1. config and flags              every field of `Config` is a flag; --preset tiny | cpu | gpt2-124m
+ 1. config and flags              every field of `Config` is a flag; --preset tiny | default | gpt2-124m
  2. runtime                       device, bf16 autocast on CUDA, --compile, DDP under torchrun
- 3. tokenizer                     byte-level BPE trained on the corpus once, cached in out_dir
+ 3. tokenizer                     byte-level BPE trained once per corpus content (cached), saved with
+                                  the checkpoint as out_dir/tokenizer.json
  4. pretraining                   L_LM = -sum_t log p(x_t | x_<t), AdamW, warmup + cosine decay,
                                   gradient accumulation and clipping, periodic val loss / perplexity,
                                   atomic checkpoints, --resume, Ctrl-C saves first
@@ -16,14 +18,17 @@ The recipe, top to bottom:
  6. classification finetuning     docstring-module: a head on the last token, L = L_CE + lambda L_LM
     (both from the pretrained model and from scratch with the same budget, early stopping on val)
  7. deployment                    int8 weights with per-channel scales: size, speed, metric
- 8. report                        a table, out_dir/report.json, and samples
+ 8. report                        a table and out_dir/report.json (--stage X updates its part), samples
 """
 
+import copy
 import dataclasses
+import itertools
 import math
 import random
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +41,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # so that `common` imports from any working directory
 
 from common import data, load_module  # noqa: E402
-from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
+from common.checkpoint import claim_out_dir, load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.config import UserError, parse_config, run_main  # noqa: E402
 from common.report import Progress, format_seconds, print_report, write_report  # noqa: E402
 from common.runtime import StopFlag, setup  # noqa: E402
-from common.tokenizer import BPETokenizer  # noqa: E402
+from common.tokenizer import BPETokenizer, documents_sha256  # noqa: E402
 
 gpt_model = load_module(HERE / "model.py")
 GPT, GPTConfig, GPTClassifier = gpt_model.GPT, gpt_model.GPTConfig, gpt_model.GPTClassifier
@@ -56,8 +61,8 @@ class Config:
     # what to run
     stage: str = "all"               # all | pretrain | finetune | sample
     out_dir: str = "out/05_gpt"      # checkpoints, tokenizer and report.json go here
-    resume: bool = False             # continue a stopped run from out_dir/ckpt.pt
-    init_from: str = ""              # a Hugging Face GPT-2 folder to start from instead of pretraining
+    resume: bool = False             # continue a stopped pretraining run from out_dir/ckpt.pt
+    init_from: str = ""              # a Hugging Face folder (GPT-2, Llama, Qwen) to finetune, not pretrain
     # data
     data: str = "pydocs"             # pretraining corpus: pydocs | shakespeare | wikitext-2 | file.txt | folder
     vocab_size: int = 1024           # BPE vocabulary size (256 bytes + merges + <|endoftext|>)
@@ -95,11 +100,11 @@ class Config:
     patience: int = 3                # stop after this many evaluations without improvement
     lm_aux_weight: float = 0.1       # lambda in L = L_CE + lambda * L_LM for classification
     freeze_layers: int = -1          # classification: freeze embeddings + first N blocks (-1 = train all)
-    max_ft_examples: int = 0         # cap train examples per task (0 = all)
+    max_ft_examples: int = 0         # cap train examples per task, keeping every label (0 = all)
     scratch: bool = True             # also finetune a randomly initialised model for comparison
     quantize: bool = True            # int8-quantise the finetuned models and compare
     # sampling
-    prompt: str = ""                 # --stage sample: text to continue (default: a fresh document)
+    prompt: str = ""                 # text to continue (default: a fresh document)
     num_samples: int = 3             # samples printed at the end
     max_new_tokens: int = 64         # tokens per sample
     temperature: float = 0.8         # 0 = greedy
@@ -117,33 +122,143 @@ PRESETS = {
                  max_iters=20, warmup_iters=2, eval_interval=10, eval_iters=2, log_interval=5,
                  ft_iters=8, ft_batch_size=4, ft_eval_interval=4, max_ft_examples=64, num_samples=1,
                  max_new_tokens=8),
-    "cpu": {},   # the defaults: all stages in about 5 minutes on 2 CPU cores
+    "default": {},   # the defaults: all stages in about 5 minutes on 2 CPU cores
     "gpt2-124m": dict(vocab_size=16384, n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0,
                       batch_size=16, grad_accum=4, max_iters=5000, lr=6e-4, min_lr=6e-5, warmup_iters=200,
                       eval_interval=500, eval_iters=50, log_interval=20, ft_iters=1000, ft_batch_size=16,
                       ft_lr=1e-4, ft_eval_interval=100, max_new_tokens=128),
 }
 
+# What decides the checkpoints in out_dir: a run with other values is refused there (claim_out_dir).
+CLAIMED_FIELDS = ("init_from", "data", "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias")
+
 
 def check_config(cfg):
-    """Bad values -> one clear line (UserError) before anything runs."""
+    """Bad values -> one clear line (UserError), before anything slow runs."""
     if cfg.stage not in STAGES:
         raise UserError(f"unknown stage {cfg.stage!r} (valid: {', '.join(STAGES)})")
+    if cfg.init_from and cfg.stage == "pretrain":
+        raise UserError("--init_from finetunes a Hugging Face model instead of pretraining, so --stage pretrain "
+                        "has nothing to do with it (use --stage all, finetune or sample)")
+    if cfg.init_from and not Path(cfg.init_from).is_dir():
+        raise UserError(f"--init_from {cfg.init_from}: no such folder (a Hugging Face folder: config.json, "
+                        "model.safetensors or pytorch_model.bin, tokenizer.json or vocab.json + merges.txt)")
+    if cfg.resume and cfg.init_from:
+        raise UserError("--resume continues a stopped pretraining run and --init_from skips pretraining: "
+                        "pass one of them")
+    if cfg.resume and cfg.stage not in ("all", "pretrain"):
+        raise UserError(f"--resume continues a stopped pretraining run; --stage {cfg.stage} does not pretrain")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
     if cfg.attn_impl not in ("sdpa", "explicit"):
         raise UserError(f"unknown attn_impl {cfg.attn_impl!r} (valid: sdpa, explicit)")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
-                 "eval_interval", "eval_iters", "ft_batch_size", "ft_eval_interval", "log_interval"):
+                 "eval_interval", "eval_iters", "log_interval", "ft_iters", "ft_batch_size", "ft_eval_interval",
+                 "patience", "num_samples", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("lr", "ft_lr"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("min_lr", "warmup_iters", "weight_decay", "grad_clip", "lm_aux_weight", "max_ft_examples"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
+    for name in ("dropout", "ft_dropout", "beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.freeze_layers < -1:
+        raise UserError(f"--freeze_layers must be -1 (train all) or a number of blocks, got {cfg.freeze_layers}")
+    if cfg.num_labels < 2:
+        raise UserError(f"--num_labels must be at least 2, got {cfg.num_labels}")
     if cfg.vocab_size < 257 and not cfg.init_from:
         raise UserError(f"--vocab_size must be at least 257 (256 bytes + {EOT}), got {cfg.vocab_size}")
     unknown = [t for t in cfg.tasks.split(",") if t and t not in BUILTIN_TASKS]
     if unknown and not cfg.task:
-        raise UserError(f"unknown task {unknown[0]!r} (built-in: {', '.join(BUILTIN_TASKS)}; or --task file.jsonl)")
+        raise UserError(f"unknown task {unknown[0]!r} (built-in: {', '.join(BUILTIN_TASKS)}; "
+                        "or --task file.jsonl)")
     if not 0 < cfg.top_p <= 1 or cfg.temperature < 0 or cfg.top_k < 0:
         raise UserError("need 0 < top_p <= 1, temperature >= 0 and top_k >= 0")
+
+
+# -------------------------------------------------------------------------- 3. tokenizer and base model
+def load_run_tokenizer(out_dir, ckpt):
+    """The tokenizer a run in out_dir was trained with: out_dir/tokenizer.json, checked against the
+    fingerprint its checkpoint recorded (equal fingerprints, equal token ids)."""
+    path = out_dir / "tokenizer.json"
+    try:
+        tokenizer = BPETokenizer.load(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load the run's tokenizer: {error} (pretrain again, or pass the --out_dir of "
+                        "an intact run)") from None
+    if ckpt.get("tokenizer", {}).get("fingerprint") != tokenizer.fingerprint:
+        raise UserError(f"{path} is not the tokenizer {out_dir / 'ckpt.pt'} was trained with (pretrain again, "
+                        "or pass the --out_dir of an intact run)")
+    return tokenizer
+
+
+def load_stopped_run(cfg, out_dir, documents):
+    """--resume: the checkpoint a stopped pretraining run left in out_dir, and its tokenizer."""
+    ckpt_path = out_dir / "ckpt.pt"
+    if not ckpt_path.exists():
+        raise UserError(f"--resume: there is no {ckpt_path} to continue; run without --resume to start")
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.get("corpus_sha256") != documents_sha256(documents):
+        raise UserError(f"--resume: the corpus {cfg.data!r} is not the one {ckpt_path} was trained on (edited "
+                        "since?); run without --resume to start over")
+    return ckpt, load_run_tokenizer(out_dir, ckpt)
+
+
+def load_pretrained_run(out_dir, rt):
+    """--stage finetune / sample: the pretrained GPT in out_dir, its tokenizer and its pretraining report."""
+    ckpt_path = out_dir / "ckpt.pt"
+    if not ckpt_path.exists():
+        raise UserError(f"no pretrained model in {out_dir} ({ckpt_path} not found): run --stage pretrain "
+                        "first, or pass --init_from a Hugging Face folder")
+    ckpt = load_checkpoint(ckpt_path, map_location=rt.device)
+    try:
+        base = GPT(GPTConfig(**ckpt["model_config"])).to(rt.device)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{ckpt_path} is not a checkpoint of this chapter (no valid model_config)") from None
+    load_model_state(base, ckpt["model"], ckpt_path)
+    tokenizer = load_run_tokenizer(out_dir, ckpt)
+    planned = ckpt.get("config", {}).get("max_iters", ckpt["iter"])
+    if ckpt["iter"] < planned:
+        rt.log(f"note: {ckpt_path} is a stopped run (iter {ckpt['iter']} of {planned}); --resume continues it")
+    return base, tokenizer, ckpt.get("report")
+
+
+def load_gpt2_folder(cfg, rt):
+    """--init_from: a Hugging Face folder's weights (GPT-2, or a Llama / Qwen that model.py reads) and its
+    vocabulary: tokenizer.json, or GPT-2's older vocab.json + merges.txt; a GPT-2 folder with neither
+    gets tiktoken's copy of GPT-2's vocabulary (downloaded once)."""
+    folder = Path(cfg.init_from)
+    try:
+        base = GPT.from_pretrained(folder, dropout=cfg.ft_dropout, attn_impl=cfg.attn_impl)
+        if (folder / "tokenizer.json").exists():
+            tokenizer = BPETokenizer.from_hf(folder)
+        elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+            tokenizer = BPETokenizer.from_hf(folder / "vocab.json", folder / "merges.txt")
+        else:
+            tokenizer = None
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        raise UserError(f"--init_from {folder}: {error}") from None
+    if tokenizer is None and base.config.pos != "learned":
+        raise UserError(f"--init_from {folder} has no tokenizer.json (nor vocab.json + merges.txt)")
+    if tokenizer is None:
+        try:
+            tokenizer = BPETokenizer.from_tiktoken("gpt2")
+        except (RuntimeError, ValueError):
+            raise UserError(f"--init_from {folder} has no tokenizer.json or vocab.json + merges.txt, and tiktoken "
+                            f"could not fetch GPT-2's vocabulary either (offline?): copy GPT-2's tokenizer.json "
+                            f"(or vocab.json and merges.txt) into {folder}") from None
+    if EOT not in tokenizer.special_tokens:
+        raise UserError(f"--init_from {folder}: the vocabulary has no {EOT} token")
+    if tokenizer.vocab_size > base.config.vocab_size:
+        raise UserError(f"--init_from {folder}: the vocabulary has {tokenizer.vocab_size} tokens, the model's "
+                        f"embedding only {base.config.vocab_size}")
+    rt.log(f"loaded {folder}: {base.num_parameters() / 1e6:.1f}M parameters, "
+           f"{tokenizer.vocab_size}-token vocabulary")
+    return base.to(rt.device), tokenizer
 
 
 # ------------------------------------------------------------------------------------ 4. pretraining
@@ -171,58 +286,63 @@ def estimate_loss(model, tokens, cfg, rt, split):
     return sum(losses) / len(losses)
 
 
+def prompt_ids(tokenizer, prompt, block_size):
+    """The ids to continue: the prompt's, or <|endoftext|> alone (a fresh document); one line if the
+    prompt leaves no room in the context."""
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.special_tokens[EOT]]
+    if len(ids) >= block_size:
+        raise UserError(f"the prompt is {len(ids)} tokens, longer than the context (block_size {block_size})")
+    return ids
+
+
 def sample_text(model, tokenizer, rt, prompt="", max_new_tokens=64, temperature=0.8, top_k=0, top_p=0.95,
                 num_samples=1, seed=0):
     """Continue `prompt` (or start a new document after <|endoftext|>) with the KV cache."""
     eot = tokenizer.special_tokens[EOT]
-    prompt_ids = tokenizer.encode(prompt) if prompt else [eot]
-    room = model.config.block_size - len(prompt_ids)
-    if room < 1:
-        raise UserError(f"the prompt is {len(prompt_ids)} tokens, longer than the context "
-                        f"(block_size {model.config.block_size})")
-    idx = torch.tensor([prompt_ids] * num_samples, device=rt.device)
+    ids = prompt_ids(tokenizer, prompt, model.config.block_size)
+    idx = torch.tensor([ids] * num_samples, device=rt.device)
     generator = torch.Generator(device=rt.device).manual_seed(seed)
     with rt.autocast():
-        out = model.generate(idx, min(max_new_tokens, room), temperature=temperature, top_k=top_k or None,
-                             top_p=top_p if top_p < 1 else None, eos_id=eot, generator=generator)
+        out = model.generate(idx, min(max_new_tokens, model.config.block_size - len(ids)),
+                             temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None,
+                             eos_id=eot, generator=generator)
     texts = []
     for row in out.tolist():
-        new = row[len(prompt_ids):]
+        new = row[len(ids):]
         new = new[:new.index(eot)] if eot in new else new
         texts.append(prompt + tokenizer.decode(new))
     return texts
 
 
-def pretrain(cfg, rt, tokenizer, out_dir):
-    """Train a GPT from random weights on the corpus; returns (model, pretraining report)."""
-    tokens = data.TokenCache(cfg.data, tokenizer)
-    rt.log(f"corpus: {cfg.data}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens"
-           f" ({'encoded now' if tokens.built else 'cached'})")
+def pretrain(cfg, rt, tokenizer, documents, out_dir, stopped=None):
+    """Train a GPT from random weights on the corpus, or continue `stopped` (the checkpoint of a stopped
+    run, --resume) exactly where it stopped; returns (model, pretraining report)."""
+    ckpt_path = out_dir / "ckpt.pt"
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
                              attn_impl=cfg.attn_impl)
+    if stopped is not None and stopped.get("model_config") != dataclasses.asdict(model_config):
+        raise UserError(f"{ckpt_path} was saved for another model config ({stopped.get('model_config')}); "
+                        f"use the same flags, or another --out_dir")
+    tokens = data.TokenCache(documents, tokenizer)
+    rt.log(f"corpus: {cfg.data}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens"
+           f" ({'encoded now' if tokens.built else 'cached'})")
     model = GPT(model_config).to(rt.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), rt.device_type)
-    # Each rank draws its own windows; the generator's state is checkpointed, so --resume draws the
-    # very batches the stopped run would have drawn next.
-    batch_generator = torch.Generator().manual_seed(cfg.seed + rt.rank)
     start_iter, best_val, history, seconds_before = 0, float("inf"), [], 0.0
-
-    ckpt_path = out_dir / "ckpt.pt"
-    if cfg.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("model_config") != dataclasses.asdict(model_config):
-            raise UserError(f"{ckpt_path} was saved for another model config ({ckpt.get('model_config')}); "
-                            f"use the same flags, or another --out_dir")
-        load_model_state(model, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        batch_generator.set_state(ckpt["batch_generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start_iter, best_val, history = ckpt["iter"], ckpt["best_val_loss"], ckpt.get("history", [])
-        seconds_before = ckpt.get("seconds", 0.0)        # time spent before the stop counts too
+    if stopped is not None:
+        load_model_state(model, stopped["model"], ckpt_path)
+        optimizer.load_state_dict(stopped["optimizer"])
+        if stopped.get("scaler"):
+            rt.scaler.load_state_dict(stopped["scaler"])
+        torch.set_rng_state(stopped["torch_rng"])          # dropout draws from the global generators
+        if rt.device_type == "cuda":
+            torch.cuda.set_rng_state(stopped["cuda_rng"])
+        start_iter, best_val, history = stopped["iter"], stopped["best_val_loss"], stopped["history"]
+        seconds_before = stopped["seconds"]                 # time spent before the stop counts too
         rt.log(f"resumed from {ckpt_path} at iter {start_iter}")
         if start_iter >= cfg.max_iters:
-            return model, ckpt["report"]
+            return model, stopped["report"]
 
     rt.log(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({model_config.n_layer} layers, "
            f"{model_config.n_head} heads, {model_config.n_embd} wide, context {model_config.block_size})")
@@ -232,17 +352,6 @@ def pretrain(cfg, rt, tokenizer, out_dir):
                         flops_per_token=model.num_flops_per_token(), device=rt.device, dtype=rt.dtype,
                         start_iter=start_iter)
 
-    def save(it):
-        if rt.is_main:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "model_config": dataclasses.asdict(model_config), "config": dataclasses.asdict(cfg),
-                "iter": it, "best_val_loss": best_val, "history": history,
-                "batch_generator": batch_generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "tokenizer": {"path": "tokenizer.json", "fingerprint": tokenizer.fingerprint},
-                "report": pretrain_report(), "seconds": seconds_before + progress.seconds,
-            })
-
     def pretrain_report():
         return {"val_loss": best_val if best_val < float("inf") else None,
                 "perplexity": math.exp(best_val) if best_val < 50 else None,
@@ -250,12 +359,29 @@ def pretrain(cfg, rt, tokenizer, out_dir):
                 "seconds": seconds_before + progress.seconds, "iters": cfg.max_iters,
                 "parameters": model.num_parameters(), "history": history}
 
+    def save(it):
+        """Everything --resume needs to continue exactly: weights, optimizer, step, RNG states, bookkeeping."""
+        if rt.is_main:
+            tokenizer.save(out_dir / "tokenizer.json")
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(),
+                "model_config": dataclasses.asdict(model_config), "config": dataclasses.asdict(cfg),
+                "iter": it, "best_val_loss": best_val, "history": history, "torch_rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state()} if rt.device_type == "cuda" else {}),
+                "tokenizer": {"path": "tokenizer.json", "fingerprint": tokenizer.fingerprint},
+                "corpus_sha256": tokens.corpus_sha256,
+                "report": pretrain_report(), "seconds": seconds_before + progress.seconds,
+            })
+
     model.train()
     with StopFlag() as stop:
         for it in range(start_iter, cfg.max_iters):
             lr = get_lr(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # This step's windows depend on (seed, step, rank) alone, so a resumed run, on every rank,
+            # draws the very batches the stopped run would have drawn next.
+            batch_generator = torch.Generator().manual_seed(cfg.seed * 2**32 + it * rt.world_size + rt.rank)
             for micro_step in range(cfg.grad_accum):
                 x, y = tokens.get_batch("train", cfg.batch_size, cfg.block_size, rt.device, batch_generator)
                 # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
@@ -263,6 +389,7 @@ def pretrain(cfg, rt, tokenizer, out_dir):
                 with sync, rt.autocast():
                     _, loss = train_model(x, y)
                 rt.scaler.scale(loss / cfg.grad_accum).backward()
+            # the optimizer step (same in every train.py)
             if cfg.grad_clip > 0:
                 rt.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -271,8 +398,8 @@ def pretrain(cfg, rt, tokenizer, out_dir):
             optimizer.zero_grad(set_to_none=True)
             progress.step(it, loss=loss, lr=lr)
 
-            last = it == cfg.max_iters - 1
-            if (it + 1) % cfg.eval_interval == 0 or last:
+            # once in a while: val loss, a sample, a checkpoint
+            if (it + 1) % cfg.eval_interval == 0 or it == cfg.max_iters - 1:
                 train_loss = estimate_loss(model, tokens, cfg, rt, "train")
                 val_loss = estimate_loss(model, tokens, cfg, rt, "val")
                 best_val = min(best_val, val_loss)
@@ -282,16 +409,14 @@ def pretrain(cfg, rt, tokenizer, out_dir):
                 text = sample_text(model, tokenizer, rt, max_new_tokens=min(48, cfg.block_size - 1), seed=it)[0]
                 rt.log(f"  sample: {text.strip()[:200]!r}")
                 save(it + 1)
-            stop_now = rt.all_reduce_mean(float(stop.requested)) > 0 if rt.ddp else stop.requested
-            if stop_now:
+            if rt.all_reduce_mean(float(stop.requested)) > 0:    # under DDP every rank stops at the same step
                 save(it + 1)
-                rt.log(f"interrupted: checkpoint saved to {ckpt_path} at iter {it + 1}; "
-                       f"continue with --resume")
+                rt.log(f"interrupted: saved {ckpt_path} at iter {it + 1}; continue with --resume")
                 sys.exit(130)
     return model, pretrain_report()
 
 
-# --------------------------------------------------------------------------- 5-6. finetuning: data
+# ------------------------------------------------------------------------------ 5-6. finetuning data
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
@@ -321,25 +446,200 @@ def as_instruction(example):
     return {"instruction": example["input"], "input": "", "response": example["target"]}
 
 
+def capped(examples, cap, seed, task, keep_every_label=False):
+    """A random (seeded) subset of at most `cap` examples (the files are sorted by name, not shuffled).
+    keep_every_label: one example of each label goes in first, so that the cap never drops a class."""
+    if len(examples) <= cap:
+        return examples
+    shuffled = random.Random(seed).sample(examples, len(examples))
+    if not keep_every_label:
+        return shuffled[:cap]
+    first_of_label = {}
+    for position, example in enumerate(shuffled):
+        first_of_label.setdefault(example["label"], position)
+    if len(first_of_label) > cap:
+        raise UserError(f"{task}: --max_ft_examples {cap} is fewer than its {len(first_of_label)} labels; "
+                        f"pass at least {len(first_of_label)}, or 0 for all examples")
+    keep = set(first_of_label.values())
+    keep.update([p for p in range(len(shuffled)) if p not in keep][:cap - len(keep)])
+    return [shuffled[p] for p in sorted(keep)]
+
+
 def load_finetuning_tasks(cfg):
-    """{task name: (kind, {split: examples})} for the built-in tasks or the user's file."""
+    """{task name: (kind, {split: examples})} for the built-in tasks or the user's file, checked now,
+    before any pretraining: a classification task needs every val/test label in train."""
     names = [cfg.task] if cfg.task else [t for t in cfg.tasks.split(",") if t]
     tasks = {}
     for name in names:
+        task = Path(name).stem if cfg.task else name
         splits = {split: data.load_task(name, split, num_labels=cfg.num_labels) for split in data.SPLITS}
         kind = BUILTIN_TASKS.get(name) or ("classification" if "label" in splits["train"][0] else "instruction")
         if kind == "instruction":
             splits = {s: [as_instruction(e) for e in examples] for s, examples in splits.items()}
-        if cfg.max_ft_examples:   # a random (seeded) subset: the files are sorted by name, not shuffled
-            for split, cap in (("train", cfg.max_ft_examples), ("val", max(16, cfg.max_ft_examples // 4)),
-                               ("test", max(16, cfg.max_ft_examples // 4))):
-                if len(splits[split]) > cap:
-                    splits[split] = random.Random(cfg.seed).sample(splits[split], cap)
-        tasks[Path(name).stem if cfg.task else name] = (kind, splits)
+        else:
+            labels = set(data.task_labels(splits["train"]))
+            unknown = {e["label"] for s in ("val", "test") for e in splits[s]} - labels
+            if unknown:
+                raise UserError(f"{task}: the labels {sorted(unknown)[:3]} are in val/test but in no train row "
+                                "(each row's split is a stable hash of the row: add rows with these labels)")
+            if len(labels) < 2:
+                raise UserError(f"{task}: a classification task needs at least 2 labels, found {sorted(labels)}")
+        if cfg.max_ft_examples:
+            small = max(16, cfg.max_ft_examples // 4)
+            splits = {"train": capped(splits["train"], cfg.max_ft_examples, cfg.seed, task,
+                                      keep_every_label=kind == "classification"),
+                      "val": capped(splits["val"], small, cfg.seed, task),
+                      "test": capped(splits["test"], small, cfg.seed, task)}
+        tasks[task] = (kind, splits)
     return tasks
 
 
-# --------------------------------------------------------------------- 6. classification metrics
+def finetuning_start(base, init, cfg, rt):
+    """The GPT a finetuning run starts from, with finetuning dropout: a copy of the pretrained weights, or
+    (init "scratch") the same architecture freshly initialised; both seeded alike."""
+    torch.manual_seed(cfg.seed)
+    gpt = GPT(dataclasses.replace(base.config, dropout=cfg.ft_dropout)).to(rt.device)
+    if init == "pretrained":
+        gpt.load_state_dict(base.state_dict())
+    return gpt
+
+
+def shuffled_batches(items, cfg, rt):
+    """Batches of example indices, endlessly: each epoch a new seeded order of length-bucketed batches
+    (similar lengths together, so little padding); under DDP each rank takes its share."""
+    lengths = [len(ids) for ids, _ in items]
+    for epoch in itertools.count():
+        order = data.batch_indices(lengths, cfg.ft_batch_size, shuffle=True, seed=cfg.seed + epoch, bucket=True)
+        order = order[rt.rank::rt.world_size] or order
+        while order:
+            yield order.pop()
+
+
+# ------------------------------------------------------------------------- 5. instruction finetuning
+def instruction_batch(items, pad_id, device):
+    """(ids, labels) pairs -> right-padded input_ids, attention_mask and labels (-100 at the padding)."""
+    batch = data.pad_batch([ids for ids, _ in items], pad_id, labels=[labels for _, labels in items])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def response_loss(model, items, cfg, rt, pad_id):
+    """The mean loss per response token (prompt tokens and padding do not count); lower is better."""
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    lengths = [len(ids) for ids, _ in items]
+    for indices in data.batch_indices(lengths, cfg.ft_batch_size * 2, shuffle=False, bucket=True):
+        batch = instruction_batch([items[i] for i in indices], pad_id, rt.device)
+        with rt.autocast():
+            logits, _ = model(batch["input_ids"])
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1),
+                                   ignore_index=-100, reduction="sum")
+        total_loss += loss.item()
+        total_tokens += (batch["labels"] != -100).sum().item()
+    model.train()
+    return total_loss / max(1, total_tokens)
+
+
+@torch.no_grad()
+def answer_examples(model, tokenizer, examples, cfg, rt):
+    """Greedy answers of the instruction-tuned model next to the reference answers."""
+    eot = tokenizer.special_tokens[EOT]
+    rows = []
+    for example in examples:
+        prompt = tokenizer.encode(format_prompt(example))[-(cfg.block_size // 2):]
+        idx = torch.tensor([prompt], device=rt.device)
+        with rt.autocast():
+            out = model.generate(idx, min(48, cfg.block_size - len(prompt)), temperature=0, eos_id=eot)
+        new = out[0, len(prompt):].tolist()
+        answer = tokenizer.decode(new[:new.index(eot)] if eot in new else new)
+        rows.append({"instruction": example["instruction"], "reference": example["response"],
+                     "answer": answer.strip()})
+    return rows
+
+
+def instruction_tuning(task, splits, base, tokenizer, cfg, rt, out_dir):
+    """Finetune the GPT to answer instructions, from the pretrained weights and from scratch with the same
+    budget; returns the task's report row (metric: the test response loss)."""
+    pad_id = tokenizer.special_tokens[EOT]
+    items = {split: [instruction_example(tokenizer, e, cfg.block_size) for e in examples]
+             for split, examples in splits.items()}
+    rt.log(f"\nfinetuning on {task} (instruction): {len(items['train'])} train / {len(items['val'])} val / "
+           f"{len(items['test'])} test examples")
+    row, finetuned = {"metric": "response_loss"}, {}
+    for init in ("pretrained", "scratch") if cfg.scratch else ("pretrained",):
+        name, ckpt_path, start = f"{task}/{init}", out_dir / f"ft_{task}_{init}.pt", time.perf_counter()
+        model = finetuning_start(base, init, cfg, rt)
+        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.ft_lr, (cfg.beta1, cfg.beta2), rt.device_type)
+        train_model = rt.wrap(model)
+        batches = shuffled_batches(items["train"], cfg, rt)
+        progress = Progress(cfg.ft_iters, cfg.ft_batch_size * cfg.block_size, log=rt.log,
+                            log_interval=cfg.ft_eval_interval, name=name)
+        best_val, bad_evals = None, 0
+        model.train()
+        for it in range(cfg.ft_iters):
+            batch = instruction_batch([items["train"][i] for i in next(batches)], pad_id, rt.device)
+            lr = get_lr(it, cfg.ft_lr, cfg.ft_lr / 10, max(1, cfg.ft_iters // 10), cfg.ft_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with rt.autocast():
+                _, loss = train_model(batch["input_ids"], batch["labels"])   # on the response tokens only
+            rt.scaler.scale(loss).backward()
+            # the optimizer step (same in every train.py)
+            if cfg.grad_clip > 0:
+                rt.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step(it, loss=loss, lr=lr, tokens=batch["attention_mask"].numel() * rt.world_size)
+
+            # once in a while: val response loss; keep the best weights, stop when they stop improving
+            if (it + 1) % cfg.ft_eval_interval == 0 or it == cfg.ft_iters - 1:
+                val_loss = response_loss(model, items["val"], cfg, rt, pad_id)
+                rt.log(f"{name} eval at iter {it + 1}: val response_loss {val_loss:.4f}")
+                if best_val is None or val_loss < best_val:
+                    best_val, bad_evals = val_loss, 0
+                    if rt.is_main:
+                        save_checkpoint(ckpt_path, {"model": model.state_dict(), "iter": it + 1,
+                                                    "val": {"response_loss": val_loss}})
+                else:
+                    bad_evals += 1
+                    if bad_evals >= cfg.patience:
+                        rt.log(f"{name}: early stop at iter {it + 1} (no val improvement in {cfg.patience} evals)")
+                        break
+        rt.barrier()                                      # rank 0 wrote the best weights; every rank loads them
+        load_model_state(model, load_checkpoint(ckpt_path, map_location=rt.device)["model"], ckpt_path)
+        test_loss = response_loss(model, items["test"], cfg, rt, pad_id)
+        rt.log(f"{name}: test response_loss {test_loss:.4f}")
+        row[init] = test_loss
+        row[f"{init}_detail"] = {"test": {"response_loss": test_loss}, "val": {"response_loss": best_val},
+                                 "seconds": time.perf_counter() - start}
+        finetuned[init] = model
+    row["seconds"] = sum(row[f"{init}_detail"]["seconds"] for init in finetuned)
+
+    row["examples"] = answer_examples(finetuned["pretrained"], tokenizer, splits["test"][:3], cfg, rt)
+    for example in row["examples"]:
+        rt.log(f"  Q: {example['instruction']}\n    reference: {example['reference']}\n"
+               f"    answer:    {example['answer']}")
+    if cfg.quantize and rt.is_main:
+        cpu = cpu_float32(rt)
+        row["deployment"] = {}
+        for variant, (deployed, megabytes) in deployment_variants(finetuned["pretrained"], rt).items():
+            test_loss = response_loss(deployed, items["test"], cfg, cpu, pad_id)
+            row["deployment"][variant] = {"response_loss": test_loss, "megabytes": megabytes,
+                                          "generate_tokens_per_second": generation_speed(deployed, cpu)}
+        log_deployment(row["deployment"], rt)
+    return row
+
+
+# ----------------------------------------------------------------------- 6. classification finetuning
+def classification_batch(items, pad_id, device):
+    """(ids, class index) pairs -> right-padded input_ids and attention_mask, and the labels (B,)."""
+    batch = data.pad_batch([ids for ids, _ in items], pad_id)
+    batch["labels"] = torch.tensor([label for _, label in items])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def accuracy_and_macro_f1(predictions, targets, num_classes):
     """Accuracy, and macro-F1: the mean over classes of F1 = 2 P R / (P + R), so rare classes count
     as much as frequent ones (a majority-class guesser scores high accuracy but low macro-F1)."""
@@ -353,103 +653,99 @@ def accuracy_and_macro_f1(predictions, targets, num_classes):
     return correct / max(1, len(targets)), sum(f1s) / num_classes
 
 
-# ------------------------------------------------------------------------- 5-6. finetuning: the loop
-def make_batches(kind, examples, tokenizer, cfg, labels=None):
-    """Tokenize once: a list of (ids, target) pairs, target = label ids (instruction) or class index."""
-    if kind == "instruction":
-        return [instruction_example(tokenizer, e, cfg.block_size) for e in examples]
-    index = {label: i for i, label in enumerate(labels)}
-    return [(tokenizer.encode(e["text"])[:cfg.block_size], index[e["label"]]) for e in examples]
-
-
-def collate(kind, items, pad_id, device):
-    if kind == "instruction":
-        batch = data.pad_batch([ids for ids, _ in items], pad_id, labels=[lab for _, lab in items])
-    else:
-        batch = data.pad_batch([ids for ids, _ in items], pad_id)
-        batch["labels"] = torch.tensor([label for _, label in items])
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 @torch.no_grad()
-def evaluate(kind, model, items, cfg, rt, pad_id, num_labels=None):
-    """Instruction: mean response-token loss (lower is better). Classification: accuracy and macro-F1."""
+def classification_metrics(model, items, cfg, rt, pad_id, num_labels):
+    """Accuracy and macro-F1 of the classifier's argmax over `items`."""
     model.eval()
-    total_loss, total_tokens, predictions = 0.0, 0, []
-    for indices in data.batch_indices([len(ids) for ids, _ in items], cfg.ft_batch_size * 2, shuffle=False, bucket=True):
-        batch = collate(kind, [items[i] for i in indices], pad_id, rt.device)
+    predictions = []
+    lengths = [len(ids) for ids, _ in items]
+    for indices in data.batch_indices(lengths, cfg.ft_batch_size * 2, shuffle=False, bucket=True):
+        batch = classification_batch([items[i] for i in indices], pad_id, rt.device)
         with rt.autocast():
-            if kind == "instruction":
-                logits, _ = model(batch["input_ids"])
-                n = (batch["labels"] != -100).sum().item()
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1),
-                                       ignore_index=-100, reduction="sum")
-                total_loss, total_tokens = total_loss + loss.item(), total_tokens + n
-            else:
-                logits, _ = model(batch["input_ids"], batch["attention_mask"])
-                predictions += [(i, p) for i, p in zip(indices, logits.argmax(-1).tolist())]
+            logits, _ = model(batch["input_ids"], batch["attention_mask"])
+        predictions += [(i, p) for i, p in zip(indices, logits.argmax(-1).tolist())]
     model.train()
-    if kind == "instruction":
-        return {"response_loss": total_loss / max(1, total_tokens)}
     predicted = [p for _, p in sorted(predictions)]
     accuracy, macro_f1 = accuracy_and_macro_f1(predicted, [label for _, label in items], num_labels)
     return {"accuracy": accuracy, "macro_f1": macro_f1}
 
 
-def finetune(kind, model, train_items, val_items, cfg, rt, pad_id, name, ckpt_path, num_labels=None):
-    """Finetune for up to ft_iters steps; evaluate on val every ft_eval_interval steps, keep the best
-    weights (saved atomically to ckpt_path) and stop early after `patience` evaluations without
-    improvement. Returns the model with the best weights loaded, and the best val metrics."""
-    metric = "response_loss" if kind == "instruction" else "accuracy"
-    better = (lambda a, b: a < b) if kind == "instruction" else (lambda a, b: a > b)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.ft_lr, (cfg.beta1, cfg.beta2), rt.device_type)
-    train_model = rt.wrap(model)
-    warmup = max(1, cfg.ft_iters // 10)
-    lengths = [len(ids) for ids, _ in train_items]
-    epoch, order = 0, []
-    best, best_metrics, bad_evals = None, None, 0
-    progress = Progress(cfg.ft_iters, cfg.ft_batch_size * cfg.block_size, log=rt.log,
-                        log_interval=cfg.ft_eval_interval, name=name)
-    model.train()
-    for it in range(cfg.ft_iters):
-        if not order:   # a new epoch: length-bucketed batches in a fresh order; each rank takes its share
-            order = data.batch_indices(lengths, cfg.ft_batch_size, shuffle=True, seed=cfg.seed + epoch, bucket=True)
-            order = order[rt.rank::rt.world_size] or order
-            epoch += 1
-        batch = collate(kind, [train_items[i] for i in order.pop()], pad_id, rt.device)
-        lr = get_lr(it, cfg.ft_lr, cfg.ft_lr / 10, warmup, cfg.ft_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with rt.autocast():
-            if kind == "instruction":
-                _, loss = train_model(batch["input_ids"], batch["labels"])
-            else:
+def classification_finetuning(task, splits, base, tokenizer, cfg, rt, out_dir):
+    """Finetune a classifier head on the GPT (and the GPT with it), from the pretrained weights and from
+    scratch with the same budget; returns the task's report row (metric: test accuracy)."""
+    pad_id = tokenizer.special_tokens[EOT]
+    labels = data.task_labels(splits["train"])
+    index = {label: i for i, label in enumerate(labels)}
+    items = {split: [(tokenizer.encode(e["text"])[:cfg.block_size], index[e["label"]]) for e in examples]
+             for split, examples in splits.items()}
+    rt.log(f"\nfinetuning on {task} (classification): {len(items['train'])} train / {len(items['val'])} val / "
+           f"{len(items['test'])} test examples")
+    row = {"metric": "accuracy", "baseline": data.majority_baseline(splits["train"], splits["test"])}
+    finetuned = {}
+    for init in ("pretrained", "scratch") if cfg.scratch else ("pretrained",):
+        name, ckpt_path, start = f"{task}/{init}", out_dir / f"ft_{task}_{init}.pt", time.perf_counter()
+        gpt = finetuning_start(base, init, cfg, rt)
+        model = GPTClassifier(gpt, len(labels)).to(rt.device)
+        if cfg.freeze_layers >= 0:
+            for module in (gpt.transformer.wte, gpt.transformer.wpe, *gpt.transformer.h[:cfg.freeze_layers]):
+                module.requires_grad_(False)
+        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.ft_lr, (cfg.beta1, cfg.beta2), rt.device_type)
+        train_model = rt.wrap(model)
+        batches = shuffled_batches(items["train"], cfg, rt)
+        progress = Progress(cfg.ft_iters, cfg.ft_batch_size * cfg.block_size, log=rt.log,
+                            log_interval=cfg.ft_eval_interval, name=name)
+        best, bad_evals = None, 0
+        model.train()
+        for it in range(cfg.ft_iters):
+            batch = classification_batch([items["train"][i] for i in next(batches)], pad_id, rt.device)
+            lr = get_lr(it, cfg.ft_lr, cfg.ft_lr / 10, max(1, cfg.ft_iters // 10), cfg.ft_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with rt.autocast():
                 _, loss = train_model(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                      lm_weight=cfg.lm_aux_weight)
-        rt.scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            rt.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        rt.scaler.step(optimizer)
-        rt.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        progress.step(it, loss=loss, lr=lr, tokens=batch["attention_mask"].numel() * rt.world_size)
+                                      lm_weight=cfg.lm_aux_weight)               # L = L_CE + lambda * L_LM
+            rt.scaler.scale(loss).backward()
+            # the optimizer step (same in every train.py)
+            if cfg.grad_clip > 0:
+                rt.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step(it, loss=loss, lr=lr, tokens=batch["attention_mask"].numel() * rt.world_size)
 
-        if (it + 1) % cfg.ft_eval_interval == 0 or it == cfg.ft_iters - 1:
-            metrics = evaluate(kind, model, val_items, cfg, rt, pad_id, num_labels)
-            rt.log(f"{name} eval at iter {it + 1}: val " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if best is None or better(metrics[metric], best):
-                best, best_metrics, bad_evals = metrics[metric], metrics, 0
-                if rt.is_main:
-                    save_checkpoint(ckpt_path, {"model": model.state_dict(), "iter": it + 1, "val": metrics})
-            else:
-                bad_evals += 1
-                if bad_evals >= cfg.patience:
-                    rt.log(f"{name}: early stop at iter {it + 1} (no val improvement in {cfg.patience} evals)")
-                    break
-    rt.barrier()
-    load_model_state(model, load_checkpoint(ckpt_path, map_location=rt.device)["model"], ckpt_path)
-    return model, best_metrics
+            # once in a while: val accuracy; keep the best weights, stop when they stop improving
+            if (it + 1) % cfg.ft_eval_interval == 0 or it == cfg.ft_iters - 1:
+                metrics = classification_metrics(model, items["val"], cfg, rt, pad_id, len(labels))
+                rt.log(f"{name} eval at iter {it + 1}: val accuracy {metrics['accuracy']:.4f} "
+                       f"macro_f1 {metrics['macro_f1']:.4f}")
+                if best is None or metrics["accuracy"] > best["accuracy"]:
+                    best, bad_evals = metrics, 0
+                    if rt.is_main:
+                        save_checkpoint(ckpt_path, {"model": model.state_dict(), "iter": it + 1, "val": metrics})
+                else:
+                    bad_evals += 1
+                    if bad_evals >= cfg.patience:
+                        rt.log(f"{name}: early stop at iter {it + 1} (no val improvement in {cfg.patience} evals)")
+                        break
+        rt.barrier()                                      # rank 0 wrote the best weights; every rank loads them
+        load_model_state(model, load_checkpoint(ckpt_path, map_location=rt.device)["model"], ckpt_path)
+        test = classification_metrics(model, items["test"], cfg, rt, pad_id, len(labels))
+        rt.log(f"{name}: test accuracy {test['accuracy']:.4f} macro_f1 {test['macro_f1']:.4f}")
+        row[init] = test["accuracy"]
+        row[f"{init}_detail"] = {"test": test, "val": best, "seconds": time.perf_counter() - start}
+        finetuned[init] = model
+    row["seconds"] = sum(row[f"{init}_detail"]["seconds"] for init in finetuned)
+
+    if cfg.quantize and rt.is_main:
+        cpu = cpu_float32(rt)
+        row["deployment"] = {}
+        for variant, (deployed, megabytes) in deployment_variants(finetuned["pretrained"], rt).items():
+            test = classification_metrics(deployed, items["test"], cfg, cpu, pad_id, len(labels))
+            row["deployment"][variant] = {**test, "megabytes": megabytes,
+                                          "generate_tokens_per_second": generation_speed(deployed.gpt, cpu)}
+        log_deployment(row["deployment"], rt)
+    return row
 
 
 # ---------------------------------------------------------------------------------- 7. deployment
@@ -497,6 +793,31 @@ def state_dict_bytes(model):
     return total
 
 
+def cpu_float32(rt):
+    """The runtime deployment is measured in: the CPU, float32, no autocast. Int8 kernels take float32
+    activations only (under --dtype bfloat16, autocast would hand them bfloat16 ones)."""
+    return dataclasses.replace(rt, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def deployment_variants(model, rt):
+    """{name: (model, megabytes on disk)}: a CPU float32 copy of the finetuned model, the same with our int8
+    weights, and with torch's own dynamic int8 quantization where this torch still has it (its packed
+    weights are not in the state dict, so its size is not measured)."""
+    base = copy.deepcopy(model).cpu().eval()
+    int8 = quantize_int8(copy.deepcopy(base))
+    variants = {"float32": (base, state_dict_bytes(base) / 1e6),
+                "int8 (ours)": (int8, state_dict_bytes(int8) / 1e6)}
+    try:
+        from torch.ao.quantization import quantize_dynamic   # deprecated upstream; may be gone in later torch
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            variants["int8 (torch quantize_dynamic)"] = (quantize_dynamic(copy.deepcopy(base), {nn.Linear},
+                                                                          dtype=torch.qint8), None)
+    except Exception as error:  # ImportError, or no quantized engine on this platform
+        rt.log(f"  torch.ao quantize_dynamic not available here ({type(error).__name__}); skipped")
+    return variants
+
+
 @torch.no_grad()
 def generation_speed(gpt, rt, new_tokens=64):
     """Tokens per second of greedy generation with the KV cache, batch 1 (the best of 3 runs)."""
@@ -513,146 +834,65 @@ def generation_speed(gpt, rt, new_tokens=64):
     return new_tokens / best
 
 
-def deployment_report(kind, model, test_items, cfg, rt, pad_id, num_labels):
-    """Quantize a copy of the finetuned model on CPU: size, generation speed and test metric, before
-    and after; and the same with torch's own dynamic int8 quantization where this torch still has it."""
-    import copy
-    cpu = dataclasses.replace(rt, device=torch.device("cpu"), dtype=torch.float32) if rt.device_type != "cpu" else rt
-    base = copy.deepcopy(model).cpu().eval()
-    gpt_of = (lambda m: m) if kind == "instruction" else (lambda m: m.gpt)
-    rows = {}
-    variants = {"float32": base, "int8 (ours)": quantize_int8(copy.deepcopy(base))}
-    try:
-        from torch.ao.quantization import quantize_dynamic   # deprecated upstream; may be gone in later torch
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            variants["int8 (torch quantize_dynamic)"] = quantize_dynamic(copy.deepcopy(base), {nn.Linear}, dtype=torch.qint8)
-    except Exception as error:  # ImportError, or no quantized engine on this platform
-        rt.log(f"  torch.ao quantize_dynamic not available here ({type(error).__name__}); skipped")
-    for label, variant in variants.items():
-        metrics = evaluate(kind, variant, test_items, cfg, cpu, pad_id, num_labels)
-        size = state_dict_bytes(variant) if "torch" not in label else None
-        rows[label] = {**metrics, "megabytes": size / 1e6 if size else None,
-                       "generate_tokens_per_second": generation_speed(gpt_of(variant), cpu)}
-    return rows
+def log_deployment(rows, rt):
+    for variant, figures in rows.items():
+        rt.log(f"  {variant:<30} " + " | ".join(f"{k} {v:.4g}" for k, v in figures.items() if v is not None))
 
 
 # ------------------------------------------------------------------------------------- the recipe
-def get_tokenizer(cfg, rt, out_dir):
-    """Train the BPE tokenizer on the corpus once; later runs (and --resume) load the cached file."""
-    path = out_dir / "tokenizer.json"
-    documents = data.corpus_documents(cfg.data)
-    source = out_dir / "tokenizer.data"              # which corpus the cached tokenizer was trained on
-    if path.exists() and source.exists() and source.read_text() == cfg.data:
-        tokenizer = BPETokenizer.load(path)
-        if tokenizer.vocab_size == cfg.vocab_size:
-            return tokenizer
-    if rt.ddp and not rt.is_main:
-        rt.barrier()                                   # rank 0 trains it; the others wait and load it
-        return BPETokenizer.load(path)
-    start = time.perf_counter()
-    tokenizer = BPETokenizer.train(documents, cfg.vocab_size, special_tokens=(EOT,))
-    tokenizer.save(path)
-    (out_dir / "tokenizer.data").write_text(cfg.data)
-    rt.log(f"tokenizer: trained {cfg.vocab_size}-token BPE on {cfg.data} in {time.perf_counter() - start:.1f}s")
-    if rt.ddp:
-        rt.barrier()
-    return tokenizer
-
-
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.splitlines()[0])
     check_config(cfg)
     rt = setup(device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, seed=cfg.seed)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     run_start = time.perf_counter()
     rt.log(f"05_gpt | stage {cfg.stage} | device {rt.device} ({str(rt.dtype).replace('torch.', '')})"
            f"{f' | {rt.world_size} processes' if rt.ddp else ''} | out_dir {out_dir}")
-    report_path = out_dir / "report.json"
     report = {"chapter": "05_gpt", "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", ""),
               "world_size": rt.world_size}
 
-    # 3. tokenizer and base model ----------------------------------------------------------------
+    # What can fail fails here, before the slow work: the corpus, the tasks, the folder, the weights.
+    pretraining = cfg.stage in ("all", "pretrain") and not cfg.init_from
+    documents = data.corpus_documents(cfg.data) if pretraining else None
+    tasks = load_finetuning_tasks(cfg) if cfg.stage in ("all", "finetune") else {}
+
+    # 3. tokenizer and base model -------------------------------------------------------------------
     if cfg.init_from:
-        folder = Path(cfg.init_from)
-        try:
-            base = GPT.from_pretrained(folder, dropout=cfg.ft_dropout, attn_impl=cfg.attn_impl).to(rt.device)
-        except (OSError, ValueError, ImportError) as error:
-            raise UserError(f"--init_from {folder}: {error}") from None
-        if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-            tokenizer = BPETokenizer.from_hf(folder / "vocab.json", folder / "merges.txt")
-        else:
-            tokenizer = BPETokenizer.from_tiktoken("gpt2")
+        base, tokenizer = load_gpt2_folder(cfg, rt)
+        claim_out_dir(out_dir, dataclasses.asdict(cfg), ["init_from"])
         cfg.block_size = min(cfg.block_size, base.config.block_size)
-        rt.log(f"loaded GPT-2 from {folder}: {base.num_parameters() / 1e6:.1f}M parameters")
-    else:
-        tokenizer = get_tokenizer(cfg, rt, out_dir)
+    elif pretraining:
         base = None
+        claim_out_dir(out_dir, dataclasses.asdict(cfg), CLAIMED_FIELDS)
+        if cfg.resume:
+            stopped, tokenizer = load_stopped_run(cfg, out_dir, documents)
+        else:   # trained once per corpus content, vocabulary size and special tokens, then cached
+            stopped = None
+            tokenizer = BPETokenizer.load_or_train(documents, cfg.vocab_size, special_tokens=(EOT,), runtime=rt,
+                                                   log=rt.log)
+        rt.log(f"tokenizer: {tokenizer.vocab_size}-token BPE of {cfg.data}")
+    else:
+        base, tokenizer, report["pretrain"] = load_pretrained_run(out_dir, rt)
+        cfg.block_size = base.config.block_size
+    if cfg.stage in ("all", "sample"):   # a prompt too long for the context fails now, not after training
+        prompt_ids(tokenizer, cfg.prompt, cfg.block_size if base is None else base.config.block_size)
 
     # 4. pretraining --------------------------------------------------------------------------------
-    if cfg.stage in ("all", "pretrain") and base is None:
-        base, report["pretrain"] = pretrain(cfg, rt, tokenizer, out_dir)
+    if pretraining:
+        if stopped is None and rt.is_main:   # a new model: the old report's finetuning rows measured another one
+            (out_dir / "report.json").unlink(missing_ok=True)
+        base, report["pretrain"] = pretrain(cfg, rt, tokenizer, documents, out_dir, stopped)
         rt.log(f"pretraining done: best val loss {report['pretrain']['val_loss']:.4f} in "
                f"{format_seconds(report['pretrain']['seconds'])}")
-    elif base is None:
-        ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location=rt.device)
-        base = GPT(GPTConfig(**ckpt["model_config"])).to(rt.device)
-        load_model_state(base, ckpt["model"], out_dir / "ckpt.pt")
-        if ckpt.get("tokenizer", {}).get("fingerprint") != tokenizer.fingerprint:
-            raise UserError(f"{out_dir / 'ckpt.pt'} was trained with another tokenizer than {out_dir / 'tokenizer.json'}")
-        report["pretrain"] = ckpt["report"]
-        cfg.block_size = base.config.block_size
 
-    # 5-7. finetuning and deployment ------------------------------------------------------------------
-    if cfg.stage in ("all", "finetune"):
+    # 5-7. finetuning and deployment ----------------------------------------------------------------
+    if tasks:
         report["finetune"] = {}
-        pad_id = tokenizer.special_tokens.get(EOT, 0)
-        base_state = {k: v.clone() for k, v in base.state_dict().items()}
-        for task, (kind, splits) in load_finetuning_tasks(cfg).items():
-            labels = data.task_labels(splits["train"]) if kind == "classification" else None
-            if labels is not None:
-                unknown = {e["label"] for s in ("val", "test") for e in splits[s]} - set(labels)
-                if unknown:
-                    raise UserError(f"{task}: labels {sorted(unknown)[:3]} appear in val/test but not in train")
-            items = {s: make_batches(kind, examples, tokenizer, cfg, labels) for s, examples in splits.items()}
-            rt.log(f"\nfinetuning on {task} ({kind}): {len(items['train'])} train / {len(items['val'])} val / "
-                   f"{len(items['test'])} test examples")
-            row = {"metric": "response_loss" if kind == "instruction" else "accuracy"}
-            if kind == "classification":
-                row["baseline"] = data.majority_baseline(splits["train"], splits["test"])
-            finetuned = {}
-            for init in ("pretrained", "scratch") if cfg.scratch else ("pretrained",):
-                torch.manual_seed(cfg.seed)
-                gpt = GPT(dataclasses.replace(base.config, dropout=cfg.ft_dropout)).to(rt.device)
-                if init == "pretrained":
-                    gpt.load_state_dict(base_state)
-                model = gpt if kind == "instruction" else GPTClassifier(gpt, len(labels)).to(rt.device)
-                if kind == "classification" and cfg.freeze_layers >= 0:
-                    frozen = [gpt.transformer.wte, gpt.transformer.wpe, *gpt.transformer.h[:cfg.freeze_layers]]
-                    for module in frozen:
-                        module.requires_grad_(False)
-                start = time.perf_counter()
-                model, val_metrics = finetune(kind, model, items["train"], items["val"], cfg, rt, pad_id,
-                                              f"{task}/{init}", out_dir / f"ft_{task}_{init}.pt", len(labels or []))
-                test_metrics = evaluate(kind, model, items["test"], cfg, rt, pad_id, len(labels or []))
-                row[init] = test_metrics[row["metric"]]
-                row[f"{init}_detail"] = {"test": test_metrics, "val": val_metrics,
-                                         "seconds": time.perf_counter() - start}
-                finetuned[init] = model
-                rt.log(f"{task}/{init}: test " + " ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
-            row["seconds"] = sum(row[f"{init}_detail"]["seconds"] for init in finetuned)
+        for task, (kind, splits) in tasks.items():
             if kind == "instruction":
-                row["examples"] = answer_examples(finetuned["pretrained"], tokenizer, splits["test"][:3], cfg, rt)
-                for example in row["examples"]:
-                    rt.log(f"  Q: {example['instruction']}\n    reference: {example['reference']}\n"
-                           f"    answer:    {example['answer']}")
-            if cfg.quantize and rt.is_main:
-                row["deployment"] = deployment_report(kind, finetuned["pretrained"], items["test"], cfg, rt,
-                                                      pad_id, len(labels or []))
-                for variant, figures in row["deployment"].items():
-                    rt.log(f"  {variant:<30} " + " | ".join(f"{k} {v:.4g}" for k, v in figures.items() if v is not None))
+                row = instruction_tuning(task, splits, base, tokenizer, cfg, rt, out_dir)
+            else:
+                row = classification_finetuning(task, splits, base, tokenizer, cfg, rt, out_dir)
             report["finetune"][task] = row
 
     # 8. samples and report -------------------------------------------------------------------------
@@ -662,28 +902,14 @@ def main(argv=None):
         rt.log("\nsamples:")
         for text in report["samples"]:
             rt.log(f"---\n{text}")
-    report["seconds"] = time.perf_counter() - run_start
-    if rt.is_main:
+    if cfg.stage == "all":
+        report["seconds"] = time.perf_counter() - run_start     # the whole recipe; each stage has its own too
+    if rt.is_main:   # merged into out_dir/report.json: --stage X replaces its part and keeps the rest
+        report = write_report(out_dir / "report.json", report, log=rt.log)
         print_report({k: v for k, v in report.items() if k != "samples"}, title="05_gpt report", log=rt.log)
-        write_report(report_path, report)
-        rt.log(f"report written to {report_path}")
+        rt.log(f"report written to {out_dir / 'report.json'}")
     rt.cleanup()
     return report
-
-
-@torch.no_grad()
-def answer_examples(model, tokenizer, examples, cfg, rt):
-    """Greedy answers of the instruction-tuned model next to the reference answers."""
-    eot = tokenizer.special_tokens[EOT]
-    rows = []
-    for example in examples:
-        prompt = tokenizer.encode(format_prompt(example))[-(cfg.block_size // 2):]
-        idx = torch.tensor([prompt], device=rt.device)
-        with rt.autocast():
-            out = model.generate(idx, min(48, cfg.block_size - len(prompt)), temperature=0, eos_id=eot)[0, len(prompt):].tolist()
-        answer = tokenizer.decode(out[:out.index(eot)] if eot in out else out)
-        rows.append({"instruction": example["instruction"], "reference": example["response"], "answer": answer.strip()})
-    return rows
 
 
 if __name__ == "__main__":

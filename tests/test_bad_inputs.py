@@ -34,18 +34,139 @@ SHARED_ROWS = [
 # Bad input that only some chapters can be given, by chapter.
 CHAPTER_ROWS = {
     "01_hello_pytorch": [
+        (["--task", "{tmp}/missing.txt"], "missing.txt", {}),
+        (["--task", "{tmp}/empty.txt"], "empty", {"empty.txt": ""}),
+        (["--data", "{tmp}/short.txt"], "validation tokens is too few", {"short.txt": "a few words"}),
+        (["--context_size", "0"], "context_size", {}),
+        (["--block_size", "1"], "block_size", {}),
+        (["--ft_batch_size", "0"], "ft_batch_size", {}),
+        (["--ft_lr", "0"], "ft_lr", {}),
+        (["--optim_lr_factors", "1,fast"], "optim_lr_factors", {}),
+        (["--stage", "everything"], "unknown --stage", {}),
+        (["--stage", "finetune"], "pretrain first", {}),
+        (["--resume"], "to resume", {}),
+        (["--resume", "--stage", "optimizers"], "--stage optimizers has none", {}),
+        (["--init_from", "{tmp}/nowhere"], "no checkpoint at", {}),
+        (["--init_from", "{tmp}/bad.pt"], "not a readable checkpoint", {"bad.pt": "not a checkpoint"}),
+        (["--init_from", "{tmp}/run", "--stage", "pretrain"], "would ignore it", {}),
     ],
     "02_attention": [
+        (["--recall_pairs", "40"], "recall_pairs", {}),
+        (["--recall_pairs", "10"], "longer than block_size", {}),
+        (["--attn_impl", "magic"], "attn_impl", {}),
+        (["--d_model", "30", "--n_head", "4"], "divisible", {}),
+        (["--dropout", "1"], "dropout", {}),
+        (["--prev_tokens", "-1"], "prev_tokens", {}),
+        (["--ft_iters", "0"], "ft_iters", {}),
+        (["--ft_batch_size", "0"], "ft_batch_size", {}),
+        (["--scale_d_ks", "4,x"], "scale_d_ks", {}),
+        (["--timing_lengths", "0"], "timing_lengths", {}),
+        (["--stage", "finetune"], "pretrain first", {}),
+        (["--resume"], "to resume", {}),
+        (["--init_from", "{tmp}/nowhere"], "no checkpoint at", {}),
+        (["--init_from", "{tmp}/bad.pt"], "not a readable checkpoint", {"bad.pt": "not a checkpoint"}),
+        (["--init_from", "{tmp}/run", "--stage", "experiments"], "would ignore it", {}),
     ],
     "03_transformer": [
+        (["--stage", "sample"], "unknown --stage", {}),
+        (["--schedule", "sometimes"], "unknown --schedule", {}),
+        (["--bleu_unit", "token"], "bleu_unit", {}),
+        (["--d_model", "30", "--n_head", "4"], "divisible", {}),
+        (["--mask_rate", "1.5"], "mask_rate", {}),
+        (["--ft_batch_size", "0"], "ft_batch_size", {}),
+        (["--ft_lr", "0"], "ft_lr", {}),
+        (["--init_from", "{tmp}/run", "--stage", "pretrain"], "would ignore it", {"run/": ""}),
+        (["--init_from", "{tmp}/run"], "pretrain.pt not found", {"run/": ""}),
+        (["--init_from", "{tmp}/bad.pt"], "not a readable checkpoint", {"bad.pt": "not a checkpoint"}),
+        (["--stage", "finetune"], "pretrain first", {}),
+        (["--stage", "finetune"], "not a readable checkpoint", {"out/pretrain.pt": "not a checkpoint"}),
+        (["--task", "{tmp}/missing.jsonl"], "missing.jsonl", {}),
+        (["--task", "{tmp}/rows.jsonl"], "expected the columns", {"rows.jsonl": '{"question": "q", "answer": "a"}\n'}),
+        (["--task", "{tmp}/rows.txt"], "must be .jsonl or .csv", {"rows.txt": "input,target\na,b\n"}),
     ],
     "04_bert": [
+        (["--stage", "export"], "unknown stage 'export'", {}),
+        (["--n_head", "3"], "--d_model 32 is not a multiple of --n_head 3", {}),
+        (["--ft_max_len", "8"], "--ft_max_len must be at least 16", {}),
+        (["--mask_prob", "0"], "--mask_prob must be between", {}),
+        (["--resume", "--stage", "simcse"], "--resume continues pretraining", {}),
+        (["--data", "{tmp}/two"], "has 3 documents (blank-line-separated paragraphs); BERT pretraining needs at least 20",
+         {"two/a.txt": "One sentence.\n\nTwo sentences. Here.", "two/b.txt": "Just one paragraph,\non two lines."}),
+        (["--task", "{tmp}/qa.jsonl"], "is not a classification task",
+         {"qa.jsonl": "".join(f'{{"input": "question {i}", "target": "answer {i}"}}\n' for i in range(60))}),
+        (["--stage", "finetune"], "no pretraining run in", {}),
+        (["--resume"], "is not a readable checkpoint", {"out/ckpt.pt": "not a checkpoint"}),
+        (["--init_from", "{tmp}/hf", "--stage", "pretrain"], "--stage pretrain would ignore it", {"hf/": ""}),
+        (["--init_from", "{tmp}/hf"], "no tokenizer there", {"hf/config.json": "{}"}),
+        (["--init_from", "{tmp}/hf"], "the tokenizer lacks the special tokens [CLS], [SEP], [MASK]",
+         {"hf/vocab.txt": "[PAD]\n[UNK]\nhello\n", "hf/config.json": "{}"}),
+        (["--init_from", "{tmp}/hf"], "not found: not a Hugging Face checkpoint folder",
+         {"hf/vocab.txt": "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n"}),
     ],
     "05_gpt": [
+        (["--n_embd", "30", "--n_head", "4"], "n_embd (30) must be divisible by n_head (4)", {}),
+        (["--tasks", "summarise"], "unknown task 'summarise'", {}),
+        (["--stage", "everything"], "unknown stage", {}),
+        (["--dropout", "1.5"], "--dropout", {}),
+        (["--top_p", "0"], "top_p", {}),
+        (["--freeze_layers", "-2"], "--freeze_layers", {}),
+        (["--stage", "finetune"], "run --stage pretrain first", {}),
+        (["--stage", "sample"], "run --stage pretrain first", {}),
+        (["--resume"], "--resume: there is no", {}),
+        (["--resume", "--stage", "finetune"], "--stage finetune does not pretrain", {}),
+        (["--init_from", "{tmp}/gpt2", "--stage", "pretrain"], "--stage pretrain", {"gpt2/": ""}),
+        (["--init_from", "{tmp}/gpt2"], "config.json", {"gpt2/": ""}),
+        (["--init_from", "{tmp}/nowhere"], "no such folder", {}),
+        (["--n_layer", "2"], "n_layer 1 (now 2)", {"{out}/run.json": '{"config": {"n_layer": 1}}'}),
+        (["--prompt", "word " * 40], "longer than the context", {}),
+        (["--task", "{tmp}/missing.jsonl"], "missing.jsonl", {}),
+        (["--task", "{tmp}/cls.jsonl", "--max_ft_examples", "2"], "--max_ft_examples 2 is fewer than its 3 labels",
+         {"cls.jsonl": "".join(f'{{"text": "row {i}", "label": "{"abc"[i % 3]}"}}\n' for i in range(90))}),
     ],
     "06_t5": [
+        (["--stage", "sample"], "unknown --stage", {}),
+        (["--variant", "v2"], "variant", {}),
+        (["--ft_schedule", "sometimes"], "ft_schedule", {}),
+        (["--noise_density", "1.5"], "noise_density", {}),
+        (["--num_sentinels", "2", "--input_length", "512"], "num_sentinels", {}),
+        (["--ft_batch_size", "0"], "ft_batch_size", {}),
+        (["--tasks", "summarize,poems"], "poems", {}),
+        (["--tasks", ""], "no finetuning task", {}),
+        (["--task", "{tmp}/name.jsonl"], "rename the file", {}),
+        (["--task", "{tmp}/rows.jsonl"], "expected the columns", {"rows.jsonl": '{"question": "q", "answer": "a"}\n'}),
+        (["--init_from", "{tmp}/hf", "--stage", "pretrain"], "would ignore it", {"hf/": ""}),
+        (["--init_from", "{tmp}/hf.json"], "no such folder", {"hf.json": "{}"}),
+        (["--init_from", "{tmp}/hf"], "has no llmfs_tokenizer.json", {"hf/config.json": "{}"}),
+        (["--init_from", "{tmp}/hf"], "BPE vocabularies only", {"hf/config.json": "{}", "hf/spiece.model": "x"}),
+        (["--init_from", "{tmp}/hf"], "Unigram vocabulary", {"hf/tokenizer.json": '{"model": {"type": "Unigram"}}'}),
+        (["--init_from", "{tmp}/hf"], "not valid JSON", {"hf/llmfs_tokenizer.json": "{broken"}),
+        (["--stage", "finetune"], "pretrain first", {}),
+        (["--stage", "finetune"], "not a readable checkpoint", {"out/pretrain.pt": "not a checkpoint"}),
     ],
     "07_peft": [
+        (["--methods", "lora0"], "unknown method 'lora0'", {}),
+        (["--methods", ","], "--methods is empty", {}),
+        (["--lora_targets", "q,query"], "unknown LoRA target 'query'", {}),
+        (["--tasks", "docstring-nope"], "unknown task 'docstring-nope'", {}),
+        (["--stage", "sample"], "unknown stage 'sample'", {}),
+        (["--pooling", "max"], "unknown --pooling 'max'", {}),
+        (["--prompt_init", "zeros"], "unknown --prompt_init 'zeros'", {}),
+        (["--ft_lr", "0"], "--ft_lr must be positive", {}),
+        (["--ft_lr_ia3", "-1"], "--ft_lr_ia3 must be positive", {}),
+        (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)", {}),
+        (["--num_labels", "1"], "--num_labels must be at least 2", {}),
+        (["--threads", "-1"], "--threads must not be negative", {}),
+        (["--ft_max_len", "60"], "exceed the base's block_size 48", {}),
+        (["--base", "{tmp}/a.pt", "--init_from", "{tmp}/b"], "--base or --init_from, not both", {}),
+        (["--base", "{tmp}/missing.pt"], "missing.pt: no such file or folder", {}),
+        (["--base", "{tmp}/ckpt.pt"], "is not a readable checkpoint", {"ckpt.pt": "not a checkpoint"}),
+        (["--base", "{tmp}/ckpt.pt", "--stage", "pretrain"], "would ignore --base", {"ckpt.pt": "x"}),
+        (["--init_from", "{tmp}/hf", "--stage", "pretrain"], "would ignore --init_from", {"hf/": ""}),
+        (["--init_from", "{tmp}/hf"], "config.json not found", {"hf/": ""}),
+        (["--init_from", "{tmp}/hf"], "vocabulary is not GPT-2's",
+         {"hf/config.json": '{"vocab_size": 60, "n_positions": 48, "n_layer": 1, "n_head": 2, "n_embd": 32}'}),
+        (["--stage", "finetune"], "run --stage pretrain first", {}),
+        (["--resume"], "is not a readable checkpoint", {"out/ckpt.pt": "not a checkpoint"}),
     ],
 }
 
@@ -86,3 +207,20 @@ def test_bench_rejects_an_unknown_benchmark():
     result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "bench.py"), "--only", "bogus"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "bogus" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_gpu_check_runs_only_flags_that_exist_and_reads_its_figures(tmp_path):
+    """The GPU check runs where no test can (a GPU machine, minutes at a time): its commands must at
+    least parse, and its figures come from the progress lines' format."""
+    import sys
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    import bench
+    from common.config import parse_config
+    for name, command, _ in bench.gpu_check_runs(tmp_path):
+        script = next(part for part in command if part.endswith("train.py"))
+        argv = command[command.index(script) + 1:]
+        train = load_module(script)
+        cfg = parse_config(train.Config, train.PRESETS, argv)
+        assert cfg.device == "cuda", name
+    line = "iter 20/200 | loss 3.2100 | lr 1.00e-03 | 412.3k tok/s | MFU 41.2% | mem 12.31GiB | ETA 1m20s"
+    assert bench.last_progress_figures(line) == {"tok/s": "412.3k", "MFU": "41.2%", "peak mem": "12.31GiB"}

@@ -743,6 +743,21 @@ def test_init_from_a_folder_without_vocabulary_files_offline_is_one_line(train, 
     assert "vocab.json" in err and "offline" in err
 
 
+def test_init_from_a_qwen_folder_with_a_tokenizer_json_finetunes_it(train, cache, tmp_path):
+    """--init_from reads a modern decoder's folder too: the weights through from_pretrained, the vocabulary
+    from its tokenizer.json (here a Qwen3-shaped model and a BPE trained by the `tokenizers` library)."""
+    tokenizers = reference("tokenizers")
+    from test_common_tokenizer import hf_tokenizer_json, sample_text
+    folder = tmp_path / "qwen3-tiny"
+    folder.mkdir()
+    hf_tokenizer_json(tokenizers, folder, "qwen", sample_text()[:60_000])
+    make_model(**{**QWEN3, "vocab_size": 768}).save_pretrained(folder)
+    report = train.main(["--preset", "tiny", "--init_from", str(folder), "--stage", "finetune", "--device", "cpu",
+                         "--out_dir", str(tmp_path / "out"), "--scratch", "false", "--quantize", "false"])
+    for task in ("python-qa", "docstring-module"):
+        assert report["finetune"][task]["pretrained"] is not None
+
+
 # ------------------------------------------------------------------------------------------ export
 def test_save_pretrained_round_trips_exactly_without_the_safetensors_package(tmp_path, monkeypatch):
     """from_pretrained(save_pretrained(m)) is m: the same config, every tensor bit for bit, the head still
