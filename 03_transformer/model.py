@@ -270,11 +270,13 @@ def label_smoothed_cross_entropy(logits, labels, smoothing=0.0, ignore_index=-10
 # the model
 
 
+# same as 05_gpt/model.py
 def check_token_ids(ids, vocab_size):
     """Raise a clear ValueError for an id outside [0, vocab_size): the embedding lookup would otherwise
-    fail deep inside torch ("index out of range in self"). One min/max; skipped while torch.compile traces."""
-    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
-    if ids.numel() and not compiling:
+    fail deep inside torch ("index out of range in self"). One min/max (a single device sync), skipped
+    while torch.compile traces (torch.compiler.is_compiling is torch 2.3+; torch._dynamo's before)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None) or getattr(torch._dynamo, "is_compiling", None)
+    if ids.numel() and not (is_compiling and is_compiling()):
         for token_id in torch.stack(torch.aminmax(ids)).tolist():
             if not 0 <= token_id < vocab_size:
                 raise ValueError(f"token id {token_id} is outside the vocabulary (vocab_size {vocab_size})")

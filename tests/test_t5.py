@@ -341,8 +341,8 @@ def test_from_pretrained_rejects_a_mismatched_or_broken_folder(tmp_path):
         t5.T5.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("variant", ["v1.0", "v1.1"])
-def test_logits_match_hugging_face_t5(tmp_path, variant):
+@pytest.mark.parametrize("variant,sharded", [("v1.0", False), ("v1.1", False), ("v1.1", True)])
+def test_logits_match_hugging_face_t5(tmp_path, variant, sharded):
     transformers = reference("transformers")
     torch.manual_seed(0)
     gated = variant == "v1.1"
@@ -350,12 +350,13 @@ def test_logits_match_hugging_face_t5(tmp_path, variant):
                                    relative_attention_num_buckets=8, relative_attention_max_distance=20,
                                    feed_forward_proj="gated-gelu" if gated else "relu",
                                    tie_word_embeddings=not gated, dropout_rate=0.0, decoder_start_token_id=0)
-    reference = transformers.T5ForConditionalGeneration(config).eval()
+    theirs = transformers.T5ForConditionalGeneration(config).eval()
     if gated:
         # Real v1.1 checkpoints have an LM head of their own; recent transformers ties it to the embedding
         # unless it is given its own parameter, which save_pretrained then writes as lm_head.weight.
-        reference.lm_head.weight = torch.nn.Parameter(torch.randn(97, 32))
-    reference.save_pretrained(tmp_path)
+        theirs.lm_head.weight = torch.nn.Parameter(torch.randn(97, 32))
+    theirs.save_pretrained(tmp_path, max_shard_size="20kB" if sharded else "5GB")  # shared.weight: 12.4 kB
+    assert (tmp_path / "model.safetensors.index.json").is_file() == sharded
     ours = t5.T5.from_pretrained(tmp_path).eval()
     assert ours.config.tie_word_embeddings == (not gated)
     g = torch.Generator().manual_seed(0)
@@ -364,7 +365,7 @@ def test_logits_match_hugging_face_t5(tmp_path, variant):
     attention_mask[1, 25:] = 0
     decoder_input_ids = torch.randint(2, 97, (3, 30), generator=g)
     with torch.no_grad():
-        expected = reference(input_ids=input_ids, attention_mask=attention_mask,
+        expected = theirs(input_ids=input_ids, attention_mask=attention_mask,
                              decoder_input_ids=decoder_input_ids).logits
         for use_sdpa in (True, False):
             ours.config.use_sdpa = use_sdpa
@@ -374,7 +375,7 @@ def test_logits_match_hugging_face_t5(tmp_path, variant):
             got = ours(input_ids, decoder_input_ids, attention_mask)[0]
             print(f"{variant} sdpa={use_sdpa}: max |ours - transformers| = {(got - expected).abs().max().item():.3g}")
             torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-5)
-        hf_greedy = reference.generate(input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False)
+        hf_greedy = theirs.generate(input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False)
     hf_greedy = [row.tolist()[1:] for row in hf_greedy]                        # drop the start token
     hf_greedy = [row[:row.index(1)] if 1 in row else row for row in hf_greedy]  # cut at EOS (and its padding)
     assert ours.generate(input_ids, attention_mask, max_new_tokens=8) == hf_greedy
@@ -490,19 +491,44 @@ def test_optimizer_groups_and_rms_scaled_learning_rates():
 
 
 def test_learning_rate_schedules():
-    assert train.get_lr(0, 1.0, 10, "inverse_sqrt") == pytest.approx(0.1)          # warmup: linear
-    assert train.get_lr(9, 1.0, 10, "inverse_sqrt") == pytest.approx(1.0)
-    assert train.get_lr(39, 1.0, 10, "inverse_sqrt") == pytest.approx(0.5)         # sqrt(10 / 40)
-    assert train.get_lr(500, 1.0, 10, "constant") == 1.0
+    assert train.get_lr(0, 1.0, 10, 100, "inverse_sqrt", 0.0) == pytest.approx(0.1)          # warmup: linear
+    assert train.get_lr(9, 1.0, 10, 100, "inverse_sqrt", 0.0) == pytest.approx(1.0)
+    assert train.get_lr(39, 1.0, 10, 100, "inverse_sqrt", 0.0) == pytest.approx(0.5)         # sqrt(10 / 40)
+    assert train.get_lr(500, 1.0, 10, 100, "constant", 0.0) == 1.0
+    linear = [train.get_lr(it, 1.0, 10, 100, "linear", 0.0) for it in range(100)]
+    assert linear[10] == pytest.approx(1.0) and linear[-1] == pytest.approx(1 / 90)           # the last step still learns
+    assert all(a > b for a, b in zip(linear[10:], linear[11:]))
+    assert train.get_lr(99, 1.0, 10, 100, "linear", 0.1) == pytest.approx(0.1 + 0.9 / 90)     # the floor
+
+
+def test_the_shared_recipe_functions_are_the_same_in_03_and_06():
+    """train_stage (but for its forward line), get_lr, mean_loss, source_and_target, read_pretrained and
+    load_tokenizer_file are deliberate copies of 03_transformer/train.py's: they must stay identical."""
+    import inspect
+    transformer_train = load_module("03_transformer/train.py")
+    for name in ("get_lr", "mean_loss", "source_and_target", "read_pretrained", "load_tokenizer_file"):
+        ours, theirs = (inspect.getsource(getattr(module, name)) for module in (train, transformer_train))
+        assert ours.replace("03_transformer", "06_t5") == theirs.replace("03_transformer", "06_t5"), name
+    ours, theirs = (inspect.getsource(module.train_stage).splitlines() for module in (train, transformer_train))
+    differing = [(a, b) for a, b in zip(ours, theirs) if a != b]
+    assert len(ours) == len(theirs) and differing == [
+        ("                _, loss = train_model(**batch)",
+         "                _, loss = train_model(**batch, label_smoothing=cfg.label_smoothing)")]
 
 
 # ---------------------------------------------------------------------------------------- end to end
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run_train(*args):
     # One thread: the tiny model's matrices are too small to gain from two, and on a shared machine an
     # oversubscribed OpenMP pool made the run several times slower.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(REPO_ROOT / "06_t5" / "train.py"), *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+
+
+def tiny_args(out):
+    return ["--preset", "tiny", "--device", "cpu", "--out_dir", str(out), "--log_interval", "1"]
 
 
 def iter_losses(stdout, stage):
@@ -513,9 +539,16 @@ def iter_losses(stdout, stage):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("t5_tiny")
-    result = run_train("--preset", "tiny", "--out_dir", str(out))
+    result = run_train(*tiny_args(out))
     assert result.returncode == 0, result.stderr[-2000:]
     return out, result
+
+
+def without_timings(row):
+    """A report section without the figures that differ from run to run (seconds, tokens per second)."""
+    if isinstance(row, dict):
+        return {k: without_timings(v) for k, v in row.items() if "second" not in k}
+    return row
 
 
 def test_tiny_run_reports_what_the_issue_asks(tiny_run):
@@ -534,70 +567,116 @@ def test_tiny_run_reports_what_the_issue_asks(tiny_run):
     assert "=== 06_t5" in result.stdout and "samples from the test splits" in result.stdout
 
 
-def test_tiny_run_checkpoints_load(tiny_run):
+def test_tiny_run_checkpoints_load_and_the_export_is_the_pretrained_model(tiny_run):
     out, _ = tiny_run
     common_checkpoint = load_module("common/checkpoint.py")
+    fingerprint = load_module("common/tokenizer.py").BPETokenizer.load(out / "tokenizer.json").fingerprint
     for name in ("pretrain.pt", "t5-pretrained.pt", "t5-scratch.pt"):
         ckpt = common_checkpoint.load_checkpoint(out / name)
         model = t5.T5(t5.T5Config(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])                                    # strict: every key matches
-    assert ckpt["tokenizer"] and not list(out.glob(".*.tmp*"))                  # no half-written leftovers
+        assert ckpt["tokenizer"] == fingerprint
+    assert not list(out.glob(".*.tmp*"))                                        # no half-written leftovers
+    assert sorted(p.name for p in (out / "hf").iterdir()) == ["config.json", "llmfs_tokenizer.json", "model.safetensors"]
+    exported = t5.T5.from_pretrained(out / "hf").state_dict()
+    pretrained = common_checkpoint.load_checkpoint(out / "pretrain.pt")["model"]
+    assert exported.keys() == pretrained.keys()
+    assert all(torch.equal(exported[name], pretrained[name]) for name in pretrained)
+    assert (out / "hf" / "llmfs_tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
 
 
-def test_ctrl_c_saves_and_resume_continues_exactly(tiny_run, tmp_path):
-    # Interrupt a tiny run during pretraining (Ctrl-C = SIGINT): it must save and exit; --resume must then
-    # finish with exactly the report of the uninterrupted run (batches are a function of the step).
-    out, _ = tiny_run
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "06_t5" / "train.py"), "--preset", "tiny",
-                                "--out_dir", str(tmp_path)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
-    lines = []
+def interrupt(args, stage, at_iter):
+    """Run train.py with `args`, press Ctrl-C once a progress line of `stage` shows iteration `at_iter` or
+    later; check the stop: exit 130, the one line saying where the checkpoint is, no traceback."""
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "06_t5" / "train.py"), *args], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
     for line in process.stdout:
-        lines.append(line)
-        if line.startswith("pretrain iter 10/30"):
+        if line.startswith(f"{stage} iter") and int(line.split()[2].split("/")[0]) >= at_iter:
             process.send_signal(signal.SIGINT)
             break
-    rest, _ = process.communicate(timeout=300)
-    output = "".join(lines) + rest
-    assert process.returncode == 130 and "interrupted: saved" in output, output[-2000:]
-    resumed = run_train("--preset", "tiny", "--out_dir", str(tmp_path), "--resume")
+    output, errors = process.communicate(timeout=300)
+    assert process.returncode == 130, errors[-2000:]
+    assert "interrupted: saved" in output and "continue with --resume" in output and "Traceback" not in errors
+
+
+def test_ctrl_c_twice_then_resume_ends_exactly_where_an_uninterrupted_run_ends(tiny_run, tmp_path):
+    """Stopped in pretraining, resumed, stopped again in finetuning, resumed: the very weights and report of
+    the uninterrupted run (batches are a function of the step; optimizer, RNG state, schedule position
+    and best-val bookkeeping are checkpointed; tiny has dropout on in both stages)."""
+    out, _ = tiny_run
+    common_checkpoint = load_module("common/checkpoint.py")
+    interrupt(tiny_args(tmp_path), "pretrain", 12)
+    assert 12 <= common_checkpoint.load_checkpoint(tmp_path / "pretrain.pt")["iter"] < 30
+    interrupt(tiny_args(tmp_path) + ["--resume"], "finetune-pretrained", 7)
+    assert 7 <= common_checkpoint.load_checkpoint(tmp_path / "finetune-pretrained.pt")["iter"] < 20
+    resumed = run_train(*tiny_args(tmp_path), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "pretrain: resuming from" in resumed.stdout
-    straight = json.loads((out / "report.json").read_text())
-    again = json.loads((tmp_path / "report.json").read_text())
-    assert again["pretrain"]["val_loss"] == straight["pretrain"]["val_loss"]    # same seed, same result
-    assert again["finetune"] == {task: {**row, "seconds": again["finetune"][task]["seconds"]}
-                                 for task, row in straight["finetune"].items()}
+    assert "pretrain: resumed from" in resumed.stdout and "pretrain iter" not in resumed.stdout
+    for name in ("pretrain.pt", "t5-pretrained.pt", "t5-scratch.pt"):
+        straight = common_checkpoint.load_checkpoint(out / name)["model"]
+        again = common_checkpoint.load_checkpoint(tmp_path / name)["model"]
+        assert all(torch.equal(straight[key], again[key]) for key in straight), name
+    straight, again = (json.loads((folder / "report.json").read_text()) for folder in (out, tmp_path))
+    assert without_timings(again["pretrain"]) == without_timings(straight["pretrain"])
+    assert without_timings(again["finetune"]) == without_timings(straight["finetune"])
+
+
+def test_init_from_the_exported_folder_finetunes_on_a_users_task(tiny_run, tmp_path):
+    """--init_from out_dir/hf: no pretraining; --task FILE (instruction rows) is one more task in the mix,
+    its prefix the file's name, scored by ROUGE-L."""
+    out, _ = tiny_run
+    rows = [{"instruction": "Spell the word backwards.", "input": word, "response": word[::-1]}
+            for word in (f"{a}{b}" for a in ("get", "set", "read", "load", "dump", "open", "close", "send")
+                         for b in ("_file", "_name", "_item", "_line", "_data", "_path", "_key", "_value"))]
+    task_file = tmp_path / "backwards.jsonl"
+    task_file.write_text("\n".join(json.dumps(row) for row in rows))
+    result = run_train(*tiny_args(tmp_path / "run"), "--init_from", str(out / "hf"), "--tasks", "module",
+                       "--task", str(task_file))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pretrain iter" not in result.stdout and "finetune-scratch iter" in result.stdout
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["pretrain"]["init_from"] == str(out / "hf")
+    assert {task: row["metric"] for task, row in report["finetune"].items()} == {"module": "accuracy",
+                                                                                "backwards": "rouge_l"}
+    assert any(sample["input"].startswith("backwards: Spell") for sample in report["samples"])
 
 
 def test_bad_input_is_one_line_and_nonzero_exit(tiny_run, tmp_path):
-    result = run_train("--preset", "nope")
-    assert result.returncode != 0 and "unknown preset" in result.stderr and "Traceback" not in result.stderr
-    result = run_train("--preset", "tiny", "--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "missing.txt" in result.stderr
     out, _ = tiny_run
+
+    def one_line_error(*args):
+        result = run_train(*args)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+        return lines[0]
+
+    assert "unknown preset" in one_line_error("--preset", "nope")
+    assert "missing.txt" in one_line_error(*tiny_args(tmp_path), "--data", str(tmp_path / "missing.txt"))
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in ("tokenizer.json",):
-        (broken / name).write_bytes((out / name).read_bytes())
+    (broken / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
     (broken / "pretrain.pt").write_bytes(b"not a checkpoint")
-    result = run_train("--preset", "tiny", "--out_dir", str(broken), "--stage", "finetune")
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "pretrain.pt" in result.stderr.strip().splitlines()[-1]
+    assert "pretrain.pt" in one_line_error(*tiny_args(broken), "--stage", "finetune")
+    (broken / "pretrain.pt").write_bytes((out / "pretrain.pt").read_bytes())
+    (broken / "tokenizer.json").write_text("{not json")                         # a corrupt tokenizer
+    assert "tokenizer.json" in one_line_error(*tiny_args(broken), "--stage", "finetune")
+    (broken / "tokenizer.json").write_text((out / "hf" / "config.json").read_text())   # JSON, not a tokenizer
+    assert "tokenizer.json" in one_line_error(*tiny_args(broken), "--resume")
+    hf = tmp_path / "hf"
+    shutil.copytree(out / "hf", hf)
+    (hf / "llmfs_tokenizer.json").unlink()
+    (hf / "spiece.model").write_bytes(b"\x0a\x0b")                              # Google's T5 folders have this
+    assert "BPE vocabularies only" in one_line_error(*tiny_args(tmp_path / "other"), "--init_from", str(hf))
 
 
 def test_two_process_ddp_on_cpu(tiny_run, tmp_path):
     """Pretraining and finetuning under torchrun with 2 processes (gloo): each rank trains on its share of
     a step's batch, and rank 0 evaluates and writes the report."""
-    out, _ = tiny_run
-    shutil.copy(out / "tokenizer.json", tmp_path)                               # skip training a tokenizer
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(REPO_ROOT / "06_t5" / "train.py"), "--preset", "tiny", "--device", "cpu",
                              "--out_dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=300, env=env)
+                            timeout=300, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout
     report = json.loads((tmp_path / "report.json").read_text())
@@ -610,3 +689,40 @@ def test_token_id_outside_the_vocabulary_is_a_clear_error():
         model(torch.tensor([[1, 12]]), torch.tensor([[0]]))
     with pytest.raises(ValueError, match="token id 10 is outside the vocabulary"):
         model(torch.tensor([[1]]), torch.tensor([[10]]))                    # the decoder's ids too
+
+
+# ------------------------------------------------------------------------------------------- export
+@pytest.mark.parametrize("variant", ["v1.0", "v1.1"])
+def test_save_pretrained_round_trips_exactly(tmp_path, variant):
+    """from_pretrained(save_pretrained(m)) is m: the same config, every tensor bit for bit. The embedding
+    is written once (no embed_tokens copies); only v1.1 writes an LM head of its own."""
+    model = tiny_model(variant, seed=3, dropout_rate=0.1)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp file
+    loaded = t5.T5.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert ("lm_head.weight" in loaded.state_dict()) == (variant == "v1.1")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("variant", ["v1.0", "v1.1"])
+def test_save_pretrained_loads_in_transformers_with_the_same_logits(tmp_path, variant):
+    """A random T5 of ours, exported, is a T5ForConditionalGeneration with the same logits: v1.0 with its
+    tied, rescaled output layer, v1.1 with its gated-GELU FFN and an LM head of its own."""
+    transformers = reference("transformers")
+    ours = tiny_model(variant, seed=4)
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert theirs.config.feed_forward_proj == ours.config.feed_forward_proj
+    lm_head_is_shared = theirs.lm_head.weight.data_ptr() == theirs.shared.weight.data_ptr()
+    assert lm_head_is_shared == (variant == "v1.0")
+    input_ids, attention_mask, decoder_input_ids = padded_inputs()
+    with torch.no_grad():
+        expected = theirs(input_ids=input_ids, attention_mask=attention_mask,
+                          decoder_input_ids=decoder_input_ids).logits
+        got = ours(input_ids, decoder_input_ids, attention_mask)[0]
+    diff = (got - expected).abs().max().item()
+    print(f"T5 {variant} export: max |ours - transformers| = {diff:.2e}")
+    assert diff < 1e-5

@@ -3,6 +3,8 @@
 import itertools
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -398,12 +400,15 @@ def test_corpus_bleu_on_hand_checked_cases():
     assert T.corpus_bleu(["abc"], ["abd"], max_n=2, unit="char") == pytest.approx(math.sqrt(2 / 3 * 1 / 2))
 
 
-def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path):
-    """A SIGINT mid-training saves a checkpoint and exits 130; --resume then ends with the very weights
-    an uninterrupted run reaches."""
+def test_train_stage_stopped_and_resumed_ends_with_the_same_weights(tmp_path):
+    """A SIGINT mid-stage saves a checkpoint and exits 130; --resume then ends with the very weights an
+    uninterrupted run reaches (dropout 0.1: the saved RNG state matters)."""
+    import os
+    import signal
+
+    from common.checkpoint import load_checkpoint
     from common.config import parse_config
     from common.runtime import setup
-    import signal, os
 
     rt = setup("cpu", seed=0)
 
@@ -425,30 +430,36 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path):
             with torch.no_grad():
                 return m(**get_batch(10_000))[1].item()
 
-        T.train_stage("pretrain", model, get_batch, evaluate, 12, 1e-2, 2, out / "ckpt.pt", cfg, rt,
-                      tokens_per_iter=44, eval_interval=5, extra_state={})
+        optimizer = T.configure_optimizer(model, 1e-2, 0.01)
+        T.train_stage("pretrain", model, optimizer, get_batch, evaluate, 12, 1e-2, 2, "cosine", 5, out / "ckpt.pt",
+                      cfg, rt, tokens_per_iter=44, flops=1.0, extra_state={})
         return model
 
     straight = run(tmp_path / "straight")
     with pytest.raises(SystemExit) as stopped:
         run(tmp_path / "cut", interrupt_at=7)
     assert stopped.value.code == 130
-    from common.checkpoint import load_checkpoint
     assert load_checkpoint(tmp_path / "cut" / "ckpt.pt")["iter"] == 8        # step 7 finished, then saved
     resumed = run(tmp_path / "cut", resume=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
 
+def tiny_command(out):
+    return [sys.executable, str(REPO_ROOT / "03_transformer" / "train.py"), "--preset", "tiny",
+            "--device", "cpu", "--out_dir", str(out), "--log_interval", "1"]
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}      # tiny matrices: threads only add overhead
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_run")
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}      # tiny matrices: threads only add overhead
-    command = [sys.executable, str(REPO_ROOT / "03_transformer" / "train.py"), "--preset", "tiny",
-               "--device", "cpu", "--out_dir", str(out), "--log_interval", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    command = tiny_command(out)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
-    return out, command, env, result.stdout
+    return out, command, ONE_THREAD, result.stdout
 
 
 def test_tiny_run_reports_learns_and_checkpoints(tiny_run):
@@ -466,14 +477,25 @@ def test_tiny_run_reports_learns_and_checkpoints(tiny_run):
     first = float(stdout.split("pretrain iter  1/30 | loss ")[1].split()[0])
     assert report["pretrain"]["val_loss"] < first - 0.5
     assert "exact_match" in stdout and "samples from the test split" in stdout
-    # the checkpoints load into a model that decodes
+    # the checkpoints load into a model that decodes, and name the tokenizer saved beside them
     from common.checkpoint import load_checkpoint
+    from common.tokenizer import BPETokenizer
+    fingerprint = BPETokenizer.load(out / "tokenizer.json").fingerprint
     for name in ("pretrain.pt", "finetune-pretrained.pt", "finetune-scratch-best.pt"):
         ckpt = load_checkpoint(out / name)
         model = M.Transformer(M.TransformerConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
+        assert ckpt["tokenizer"] == fingerprint
     assert load_checkpoint(out / "pretrain.pt")["iter"] == 30
     assert model.eval().generate(torch.tensor([[5, 6, 7]]), bos_id=BOS, eos_id=EOS, max_new_tokens=3)
+    assert json.loads((out / "run.json").read_text())["config"]["d_model"] == 32
+
+
+def without_timings(row):
+    """A report section without the figures that differ from run to run (seconds, tokens per second)."""
+    if isinstance(row, dict):
+        return {k: without_timings(v) for k, v in row.items() if "second" not in k}
+    return row
 
 
 def test_tiny_run_resume_skips_finished_stages_and_reproduces_the_report(tiny_run):
@@ -481,29 +503,106 @@ def test_tiny_run_resume_skips_finished_stages_and_reproduces_the_report(tiny_ru
     before = json.loads((out / "report.json").read_text())
     result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "pretrain: resuming from" in result.stdout and "at step 30/30" in result.stdout
+    assert "pretrain: resumed from" in result.stdout and "at iter 30/30" in result.stdout
     assert "pretrain iter" not in result.stdout                     # nothing left to train
     after = json.loads((out / "report.json").read_text())
     assert after["pretrain"]["val_loss"] == before["pretrain"]["val_loss"]
-    def without_timings(row):                                       # the seconds differ from run to run
-        if isinstance(row, dict):
-            return {k: without_timings(v) for k, v in row.items() if k != "seconds"}
-        return row
     assert (without_timings(after["finetune"]["docstring-name"]["details"])
             == without_timings(before["finetune"]["docstring-name"]["details"]))
 
 
+def interrupt(command, stage, at_iter):
+    """Run `command`, press Ctrl-C once a progress line of `stage` shows iteration `at_iter` or later;
+    check the stop: exit 130, the one line saying where the checkpoint is, no traceback."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+    for line in process.stdout:
+        if line.startswith(f"{stage} iter") and int(line.split()[2].split("/")[0]) >= at_iter:
+            process.send_signal(signal.SIGINT)
+            break
+    output, errors = process.communicate(timeout=300)
+    assert process.returncode == 130, errors[-2000:]
+    assert "interrupted: saved" in output and "continue with --resume" in output and "Traceback" not in errors
+
+
+def test_ctrl_c_twice_then_resume_ends_exactly_where_an_uninterrupted_run_ends(tiny_run, tmp_path):
+    """Stopped in pretraining, resumed, stopped again in finetuning, resumed: the same weights and the same
+    report as the uninterrupted run (batches are a function of the step; optimizer, RNG, schedule
+    position and best-val bookkeeping are checkpointed)."""
+    from common.checkpoint import load_checkpoint
+    out, _, _, _ = tiny_run
+    command = tiny_command(tmp_path)
+    interrupt(command, "pretrain", 12)
+    assert 12 <= load_checkpoint(tmp_path / "pretrain.pt")["iter"] < 30
+    interrupt(command + ["--resume"], "finetune-pretrained", 7)
+    assert 7 <= load_checkpoint(tmp_path / "finetune-pretrained.pt")["iter"] < 20
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("pretrain.pt", "finetune-pretrained-best.pt", "finetune-scratch-best.pt"):
+        straight, resumed = load_checkpoint(out / name)["model"], load_checkpoint(tmp_path / name)["model"]
+        for key in straight:
+            assert torch.equal(straight[key], resumed[key]), (name, key)
+    straight, resumed = (json.loads((folder / "report.json").read_text()) for folder in (out, tmp_path))
+    assert without_timings(resumed["pretrain"]) == without_timings(straight["pretrain"])
+    assert without_timings(resumed["finetune"]) == without_timings(straight["finetune"])
+
+
+def test_init_from_finetunes_a_finished_run_on_instruction_rows(tiny_run, tmp_path):
+    """--init_from a run folder: no pretraining; a task file of instruction rows is accepted (instruction +
+    input -> response); a second task in the same folder adds its row to the report."""
+    out, _, env, _ = tiny_run
+    rows = [{"instruction": "Spell the word backwards.", "input": word, "response": word[::-1]}
+            for word in (f"{a}{b}" for a in ("get", "set", "read", "load", "dump", "open", "close", "send")
+                         for b in ("_file", "_name", "_item", "_line", "_data", "_path", "_key", "_value"))]
+    task_file = tmp_path / "backwards.jsonl"
+    task_file.write_text("\n".join(json.dumps(row) for row in rows))
+    finetuned = tmp_path / "finetuned"
+    command = tiny_command(finetuned) + ["--init_from", str(out), "--task", str(task_file)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pretrain iter" not in result.stdout and "finetune-scratch iter" in result.stdout
+    report = json.loads((finetuned / "report.json").read_text())
+    assert report["pretrain"]["init_from"] == str(out / "pretrain.pt")
+    assert report["pretrain"]["val_loss"] == json.loads((out / "report.json").read_text())["pretrain"]["val_loss"]
+    assert report["finetune"]["backwards.jsonl"]["test_examples"] > 0
+    result = subprocess.run(tiny_command(finetuned) + ["--init_from", str(out), "--task", "docstring-summary"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert set(json.loads((finetuned / "report.json").read_text())["finetune"]) == {"backwards.jsonl", "docstring-summary"}
+    # pretraining into a folder that holds the finetunings of another run's model would mix two runs: refused
+    result = subprocess.run(tiny_command(finetuned) + ["--stage", "pretrain"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 2 and "--out_dir" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_bad_input_is_one_line_and_nonzero_exit(tiny_run, tmp_path):
     out, command, env, _ = tiny_run
+
+    def one_line_error(folder, *args):
+        result = subprocess.run(tiny_command(folder) + list(args), capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+        return lines[0]
+
     # a corrupt pretraining checkpoint, read by --stage finetune
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "pretrain.pt").write_bytes(b"not a checkpoint")
-    cmd = [c if c != str(out) else str(broken) for c in command] + ["--stage", "finetune"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode != 0
-    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
-    assert "pretrain.pt" in result.stderr and "Traceback" not in result.stderr
+    assert "pretrain.pt" in one_line_error(broken, "--stage", "finetune")
+    # a real checkpoint beside a corrupt tokenizer, and beside another run's tokenizer
+    (broken / "pretrain.pt").write_bytes((out / "pretrain.pt").read_bytes())
+    (broken / "tokenizer.json").write_text("{not json")
+    assert "tokenizer.json" in one_line_error(broken, "--stage", "finetune")
+    assert "tokenizer.json" in one_line_error(tmp_path / "other", "--init_from", str(broken / "pretrain.pt"))
+    from common.tokenizer import BPETokenizer
+    BPETokenizer.train("some other text " * 50, 300, special_tokens=T.SPECIAL_TOKENS).save(broken / "tokenizer.json")
+    assert "not the tokenizer" in one_line_error(broken, "--stage", "finetune")
+    # an unfinished pretraining is not finetuned silently
+    ckpt = torch.load(out / "pretrain.pt", weights_only=True)
+    ckpt["iter"] = 12
+    torch.save(ckpt, broken / "pretrain.pt")
+    (broken / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
+    assert "unfinished" in one_line_error(broken, "--stage", "finetune")
     # an unknown preset
     result = subprocess.run([sys.executable, str(REPO_ROOT / "03_transformer" / "train.py"), "--preset", "huge"],
                             capture_output=True, text=True, timeout=120, env=env)
