@@ -60,19 +60,27 @@ def pytest_collection_modifyitems(config, items):
         items[:] = kept
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _private_temporary_folder(tmp_path_factory):
-    """Point TMPDIR (inherited by every subprocess the tests start) at a folder of this session, so the
+_PREVIOUS_TMPDIR = os.environ.get("TMPDIR")
+
+
+def pytest_configure(config):
+    """Point TMPDIR (inherited by every subprocess the tests start) at a folder of this session, before
+    any test module is imported (some build their subprocess environment at import), so that the
     torchelastic_* folders torchrun leaves in the temporary folder go when the session ends."""
-    folder = tmp_path_factory.mktemp("tmpdir")
-    previous = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(folder)
+    folder = tempfile.mkdtemp(prefix="llmfs-tests-")
+    config._llmfs_tmpdir = folder
+    os.environ["TMPDIR"] = folder
     tempfile.tempdir = None                           # re-read TMPDIR in this process too
-    yield folder
-    if previous is None:
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_llmfs_tmpdir", None)
+    if folder is None:
+        return
+    if _PREVIOUS_TMPDIR is None:
         os.environ.pop("TMPDIR", None)
     else:
-        os.environ["TMPDIR"] = previous
+        os.environ["TMPDIR"] = _PREVIOUS_TMPDIR
     tempfile.tempdir = None
     shutil.rmtree(folder, ignore_errors=True)
 
