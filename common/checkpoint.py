@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,7 +60,10 @@ def load_checkpoint(path, map_location="cpu"):
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch 2.1's own loader warns that TypedStorage is deprecated: nothing the user can act on
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # pickle errors, truncated zip archives, foreign objects
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{path} is not a readable checkpoint ({first_line[:200]})") from None
