@@ -467,9 +467,9 @@ def main(argv=None):
     if cfg.max_eval_examples and examples:
         examples["test"] = examples["test"][: cfg.max_eval_examples]
     if cfg.init_from and source_path.resolve() != pretrain_path.resolve():   # finetunings of another run's model
-        claim_out_dir(out_dir, {"init_from": str(source_path.resolve())}, ["init_from"], log=rt.log)
+        claim_out_dir(out_dir, {"init_from": str(source_path.resolve())}, ["init_from"])
     elif pretrains_here:
-        claim_out_dir(out_dir, asdict(cfg), RUN_FIELDS, log=rt.log)
+        claim_out_dir(out_dir, asdict(cfg), RUN_FIELDS)
     rt.log(f"device {rt.device} | autocast {str(rt.dtype).replace('torch.', '')} | "
            f"{torch.get_num_threads()} CPU threads | out_dir {out_dir}")
 

@@ -782,6 +782,7 @@ def finetune_full(pretrained, bert_cfg, splits, num_labels, cfg, rt, pad_id, nam
                 logits = model(input_ids, attention_mask=attention_mask)                # (B, num_labels)
             loss = F.cross_entropy(logits.float(), torch.tensor([targets[i] for i in batch], device=rt.device))
             rt.scaler.scale(loss).backward()
+            # the optimizer step (same in every train.py)
             if cfg.grad_clip > 0:
                 rt.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -825,6 +826,7 @@ def finetune_probe(pretrained, bert_cfg, splits, num_labels, cfg, rt, pad_id, na
             logits = model.classifier(model.dropout(features["train"][batch]))          # (B, num_labels)
             loss = F.cross_entropy(logits, targets[batch])
             rt.scaler.scale(loss).backward()
+            # the optimizer step (same in every train.py)
             if cfg.grad_clip > 0:
                 rt.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -884,6 +886,7 @@ def finetune_prompt(pretrained, bert_cfg, splits, verbalizer, cfg, rt, pad_id, m
             logits = mlm_logits[:, 0, verbalizer_ids]                              # (B, num_labels)
             loss = F.cross_entropy(logits.float(), torch.tensor([targets[i] for i in batch], device=rt.device))
             rt.scaler.scale(loss).backward()
+            # the optimizer step (same in every train.py)
             if cfg.grad_clip > 0:
                 rt.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -1030,6 +1033,7 @@ def simcse(cfg, rt, tokenizer, pretrained):
         similarity = z1 @ z2.T / cfg.temperature                                   # (B, B)
         loss = F.cross_entropy(similarity, torch.arange(len(batch), device=rt.device))  # positives: diagonal
         rt.scaler.scale(loss).backward()
+        # the optimizer step, as in every train.py, clipping the encoder's gradients (SimCSE has no heads)
         if cfg.grad_clip > 0:
             rt.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
@@ -1060,14 +1064,14 @@ def main(argv=None):
         folder = Path(cfg.init_from)
         pretrained, tokenizer = load_hf_folder(cfg, rt, folder)
         if folder.resolve() != (out_dir / "pretrained").resolve():     # not this out_dir's own export
-            claim_out_dir(out_dir, {"init_from": str(folder.resolve())}, ["init_from"], log=rt.log)
+            claim_out_dir(out_dir, {"init_from": str(folder.resolve())}, ["init_from"])
             report["init_from"] = str(folder)
     elif cfg.stage in ("finetune", "simcse"):
         pretrained, tokenizer = load_finished_run(cfg, rt, out_dir)
     else:
         checkpoint = checkpoint_to_resume(cfg, out_dir) if cfg.resume else None
         documents = pretraining_documents(cfg.data)
-        claim_out_dir(out_dir, asdict(cfg), CLAIMED_FIELDS, log=rt.log)
+        claim_out_dir(out_dir, asdict(cfg), CLAIMED_FIELDS)
         if checkpoint is not None:
             tokenizer = load_run_tokenizer(out_dir / "tokenizer.json", checkpoint["tokenizer"])
         else:

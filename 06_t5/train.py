@@ -605,9 +605,9 @@ def main(argv=None):
         if cfg.max_eval_examples:
             examples[prefix]["test"] = examples[prefix]["test"][:cfg.max_eval_examples]
     if cfg.init_from:                                   # this folder holds finetunings of another run's model
-        claim_out_dir(out_dir, {"init_from": str(source_path.resolve())}, ["init_from"], log=rt.log)
+        claim_out_dir(out_dir, {"init_from": str(source_path.resolve())}, ["init_from"])
     elif pretrains_here:
-        claim_out_dir(out_dir, asdict(cfg), RUN_FIELDS, log=rt.log)
+        claim_out_dir(out_dir, asdict(cfg), RUN_FIELDS)
     hf_model = read_hf_model(source_path, tokenizer) if cfg.init_from else None
     rt.log(f"device {rt.device} | autocast {str(rt.dtype).replace('torch.', '')} | {torch.get_num_threads()} "
            f"CPU threads{f' | {rt.world_size} processes' if rt.ddp else ''} | out_dir {out_dir}")

@@ -83,7 +83,7 @@ def load_model_state(model, state_dict, path="checkpoint"):
         ) from None
 
 
-def claim_out_dir(out_dir, config, fields, log=print):
+def claim_out_dir(out_dir, config, fields):
     """Make sure a run does not destroy another run's results: `out_dir/run.json` records the values of
     `fields` (those that decide what the folder's checkpoints are: model shape, vocabulary, corpus) of
     the run that wrote the folder. A run with other values is refused with one line naming --out_dir;
