@@ -43,6 +43,9 @@ GPT4_SPLIT_PATTERN = (
     r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 
+# The special token that ends a document, by the name each family gives it (see BPETokenizer.eot_id).
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|end_of_text|>")
+
 FORMAT_NAME = "llm-from-scratch/bpe"
 FORMAT_VERSION = 1
 
@@ -358,6 +361,15 @@ class BPETokenizer:
         """The string of one token (bytes that are not valid UTF-8 on their own are replaced)."""
         return self.decode([token_id])
 
+    @property
+    def eot_id(self):
+        """The id of the token that ends a document: "<|endoftext|>" (GPT-2, Qwen, SmolLM, ours) or Llama 3's
+        "<|end_of_text|>"; None when the vocabulary has neither."""
+        for token in END_OF_TEXT_TOKENS:
+            if token in self.special_tokens:
+                return self.special_tokens[token]
+        return None
+
     # -------------------------------------------------------------------------------- saving and loading
     def to_dict(self):
         tokens = [None] * self.vocab_size
@@ -384,6 +396,52 @@ class BPETokenizer:
     def save(self, path):
         """Write the tokenizer as a JSON text file, atomically (a reader never sees half a file)."""
         atomic_write_text(path, json.dumps(self.to_dict()))
+
+    def to_tokenizer_json(self):
+        """This tokenizer as a Hugging Face tokenizer.json (the inverse of `from_tokenizer_json`), so that a
+        folder written by `save_pretrained` loads in `transformers` with its vocabulary:
+
+            pre_tokenizer  Split(our regex, Isolated), then ByteLevel(use_regex=false): bytes as characters
+            model          BPE, vocab {token spelled by bytes_to_unicode: id}, ignore_merges=true (a whole
+                           chunk that is a token is that token, as tiktoken looks it up first), and as merges
+                           every split (left, right) of every token into two tokens, the tokens in rank
+                           order: then the pair Hugging Face applies first is the one whose concatenation
+                           has the lowest rank, the pair tiktoken applies
+            added_tokens   the special tokens
+        """
+        spell = bytes_to_unicode()
+        spelled = {token: "".join(spell[b] for b in token) for token in self.ranks}
+        merges = []
+        for token, _ in sorted(self.ranks.items(), key=lambda item: item[1]):
+            merges += [[spelled[token[:i]], spelled[token[i:]]] for i in range(1, len(token))
+                       if token[:i] in self.ranks and token[i:] in self.ranks]
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True}
+                             for s, i in sorted(self.special_tokens.items(), key=lambda item: item[1])],
+            "normalizer": {"type": "NFC"} if self.normalizer else None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": True,
+                      "vocab": {spelled[token]: i for token, i in sorted(self.ranks.items(), key=lambda x: x[1])},
+                      "merges": merges},
+        }
+
+    def save_hf(self, folder):
+        """Write tokenizer.json and a tokenizer_config.json (for `AutoTokenizer`) into `folder`, atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "tokenizer.json", json.dumps(self.to_tokenizer_json(), ensure_ascii=False))
+        eot = self.id_to_special.get(self.eot_id)
+        atomic_write_text(folder / "tokenizer_config.json", json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False,
+             **({"eos_token": eot, "bos_token": eot, "unk_token": None} if eot else {})}, indent=2))
 
     @classmethod
     def load(cls, path):

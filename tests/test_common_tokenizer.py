@@ -465,3 +465,44 @@ def test_nfc_normalizer_is_saved_and_loaded(tmp_path):
     assert "normalizer" not in BPETokenizer(ranks).to_dict()          # others' files and fingerprints unchanged
     with pytest.raises(ValueError, match="normalizer must be None or 'NFC'"):
         BPETokenizer(ranks, normalizer="NFKC")
+
+
+# ------------------------------------------------------------------------ writing a tokenizer.json
+def test_save_hf_round_trips_through_from_hf(tmp_path, tok):
+    """save_hf then from_hf is the same tokenizer (same fingerprint: same ids for every text), NFC kept."""
+    tok.save_hf(tmp_path)
+    assert BPETokenizer.from_hf(tmp_path).fingerprint == tok.fingerprint
+    nfc = BPETokenizer(tok.ranks, tok.pattern, tok.special_tokens, normalizer="NFC")
+    nfc.save_hf(tmp_path / "nfc")
+    assert BPETokenizer.from_hf(tmp_path / "nfc").fingerprint == nfc.fingerprint != tok.fingerprint
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == EOT and config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_eot_id_names_either_familys_end_of_text_token(tok):
+    assert tok.eot_id == tok.special_tokens[EOT]
+    llama3 = BPETokenizer(tok.ranks, tok.pattern, {"<|begin_of_text|>": 600, "<|end_of_text|>": 601})
+    assert llama3.eot_id == 601
+    assert BPETokenizer(tok.ranks, tok.pattern).eot_id is None
+
+
+@pytest.mark.parametrize("pattern", ["gpt4", "gpt2"])
+def test_save_hf_gives_the_tokenizers_library_and_transformers_our_ids(tmp_path, text, pattern):
+    """The tokenizer.json we write, read by `tokenizers` and by transformers' AutoTokenizer, encodes
+    arbitrary text to our ids and decodes them back (every split of every token listed as a merge, and
+    ignore_merges, make Hugging Face's merge order tiktoken's)."""
+    tokenizers = reference("tokenizers")
+    transformers = reference("transformers")
+    split = GPT2_SPLIT_PATTERN if pattern == "gpt2" else tokenizer_module.GPT4_SPLIT_PATTERN
+    ours = BPETokenizer.train(text[:60_000], vocab_size=700, special_tokens=(EOT,), pattern=split)
+    ours.save_hf(tmp_path)
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    rng = random.Random(1)
+    texts = TOKENIZER_TEXTS + [random_unicode(rng, rng.randint(0, 80)) for _ in range(200)] + [text[60_000:90_000]]
+    for sample in texts:
+        ids = ours.encode(sample, allowed_special="all")
+        assert theirs.encode(sample, add_special_tokens=False).ids == ids, repr(sample[:60])
+        assert theirs.decode(ids, skip_special_tokens=False) == sample
+    assert auto(texts[-1], add_special_tokens=False)["input_ids"] == ours.encode(texts[-1])
+    assert auto.eos_token == EOT
