@@ -102,6 +102,9 @@ class GPTConfig:
         return self.intermediate_size or 4 * self.n_embd
 
 
+# scaled_dot_product_attention shares each K/V head among its query heads itself (enable_gqa) since torch 2.5,
+# without the copies repeat_interleave makes; before, the heads are repeated here.
+SDPA_SHARES_KV_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -125,12 +128,18 @@ class KVCache:
     cached after RoPE, each rotated by its own position. A forward pass given a cache appends its new keys
     and values in place, so the next call only feeds the new tokens. A cache can also start pre-filled,
     e.g. with learned per-layer prefixes: `KVCache(n_layer, [(k0, v0), ...])`.
+
+    With `capacity` (generate gives prompt + new tokens), each layer's keys and values go into buffers of
+    that length, allocated once and written in place, instead of a new, longer tensor at every step; only
+    without autograd (training through a cache, as prefix tuning does, concatenates).
     """
 
-    def __init__(self, n_layer, layers=None):
+    def __init__(self, n_layer, layers=None, capacity=None):
         self.layers = list(layers) if layers is not None else [None] * n_layer
         if len(self.layers) != n_layer:
             raise ValueError(f"KVCache needs {n_layer} layers, got {len(self.layers)}")
+        self.capacity = capacity
+        self.buffers = [None] * n_layer       # (k, v) of shape (B, nkv, capacity, hs), once allocated
 
     @property
     def length(self):
@@ -139,11 +148,25 @@ class KVCache:
 
     def update(self, layer_idx, k, v):
         """Append this step's k, v (B, nkv, T, hs) to layer `layer_idx`; return all keys and values."""
-        if self.layers[layer_idx] is not None:
-            past_k, past_v = self.layers[layer_idx]
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        self.layers[layer_idx] = (k, v)
-        return k, v
+        past = self.layers[layer_idx]
+        T_past = 0 if past is None else past[0].size(2)
+        T_total = T_past + k.size(2)
+        if self.capacity is None or T_total > self.capacity or torch.is_grad_enabled():
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            self.layers[layer_idx] = (k, v)
+            return k, v
+        if self.buffers[layer_idx] is None:
+            shape = (k.size(0), k.size(1), self.capacity, k.size(3))
+            self.buffers[layer_idx] = (k.new_empty(shape), v.new_empty(shape))
+            if past is not None:
+                self.buffers[layer_idx][0][:, :, :T_past] = past[0]
+                self.buffers[layer_idx][1][:, :, :T_past] = past[1]
+        buffer_k, buffer_v = self.buffers[layer_idx]
+        buffer_k[:, :, T_past:T_total] = k
+        buffer_v[:, :, T_past:T_total] = v
+        self.layers[layer_idx] = (buffer_k[:, :, :T_total], buffer_v[:, :, :T_total])
+        return self.layers[layer_idx]
 
 
 class RMSNorm(nn.Module):
@@ -258,24 +281,29 @@ class CausalSelfAttention(nn.Module):
         tensor, True where a query may see a key (built once per forward by `GPT.causal_padding_mask`).
         rope: the (cos, sin) of the T new positions (from `GPT.rotary`), when the model uses RoPE."""
         B, T, C = x.shape                                        # batch, time, channels (d_model)
-        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=2)    # one matmul for all three projections
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)            # (B, nh, T, hs)
-        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        # one matmul for all three projections; its rows are the heads of q, then of k, then of v
+        qkv = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)      # (B, nh + 2 nkv, T, hs)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh or nkv, T, hs)
+        if self.uses_rope and rope is None:
+            raise ValueError("this attention uses RoPE: pass rope=(cos, sin) of the positions")
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)                # QK-norm, per head over hs
-        if self.uses_rope:
-            if rope is None:
-                raise ValueError("this attention uses RoPE: pass rope=(cos, sin) of the positions")
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)    # rotate each by its own position
+            if self.uses_rope:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)   # rotate each by its own position
+        elif self.uses_rope:   # q and k are adjacent heads of qkv: one rotation for both (fewer kernels)
+            q, k = apply_rope(qkv[:, :self.n_head + self.n_kv_head], *rope).split([self.n_head, self.n_kv_head], dim=1)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)            # (B, nkv, T_total, hs), T_total = T_past + T
-        if self.n_kv_head != self.n_head:                        # each K/V head serves nh / nkv query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)   # (B, nh, T_total, hs)
+        grouped = self.n_kv_head != self.n_head
+        if grouped and not (self.attn_impl == "sdpa" and SDPA_SHARES_KV_HEADS):  # each K/V head serves nh / nkv
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)         # query heads: (B, nh, T_total, hs)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            grouped = False
         if self.attn_impl == "sdpa":
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                is_causal=mask is None and T > 1)                # mask None and T > 1 implies no cache
+                is_causal=mask is None and T > 1,                # mask None and T > 1 implies no cache
+                **({"enable_gqa": True} if grouped else {}))
         else:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T_total)
             if mask is None:
@@ -502,7 +530,7 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()  # no dropout while generating
         try:
-            cache = KVCache(self.config.n_layer) if use_cache else None
+            cache = KVCache(self.config.n_layer, capacity=idx.size(1) + max_new_tokens) if use_cache else None
             finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             for step in range(max_new_tokens):
                 if use_cache:  # prefill with the whole prompt once, then one token per step

@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE.parent))  # so that `common` imports from any workin
 from common import data, load_module  # noqa: E402
 from common.checkpoint import claim_out_dir, load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.config import UserError, parse_config, run_main  # noqa: E402
-from common.report import Progress, format_seconds, print_report, write_report  # noqa: E402
+from common.report import Progress, format_seconds, format_table, print_report, write_report  # noqa: E402
 from common.runtime import StopFlag, setup  # noqa: E402
 from common.tokenizer import BPETokenizer, documents_sha256  # noqa: E402
 
@@ -51,7 +51,7 @@ gpt_model = load_module(HERE / "model.py")
 GPT, GPTConfig, GPTClassifier = gpt_model.GPT, gpt_model.GPTConfig, gpt_model.GPTClassifier
 
 EOT = "<|endoftext|>"
-STAGES = ("all", "pretrain", "finetune", "sample")
+STAGES = ("all", "pretrain", "finetune", "sample", "ablation")
 BUILTIN_TASKS = {"python-qa": "instruction", "docstring-module": "classification"}
 
 
@@ -59,7 +59,7 @@ BUILTIN_TASKS = {"python-qa": "instruction", "docstring-module": "classification
 @dataclass
 class Config:
     # what to run
-    stage: str = "all"               # all | pretrain | finetune | sample
+    stage: str = "all"               # all | pretrain | finetune | sample | ablation (GPT-2 -> Llama, step by step)
     out_dir: str = "out/05_gpt"      # checkpoints, tokenizer and report.json go here
     resume: bool = False             # continue a stopped pretraining run from out_dir/ckpt.pt
     init_from: str = ""              # a Hugging Face folder (GPT-2, Llama, Qwen) to finetune, not pretrain
@@ -72,7 +72,11 @@ class Config:
     n_embd: int = 192                # width d_model
     block_size: int = 128            # context length in tokens
     dropout: float = 0.0             # dropout in pretraining (finetuning uses ft_dropout)
-    bias: bool = True                # biases in Linear and LayerNorm, as GPT-2
+    arch: str = "gpt2"               # gpt2 (LayerNorm, learned positions, GELU) | llama (RMSNorm, RoPE, SwiGLU)
+    n_kv_head: int = 0               # key/value heads: 0 = n_head; fewer = grouped-query attention (1 = multi-query)
+    qk_norm: bool = False            # RMSNorm on each head's q and k before RoPE (Qwen3)
+    rope_theta: float = 10000.0      # RoPE's base theta (llama)
+    bias: bool = True                # biases in Linear and LayerNorm, as GPT-2 (llama has none)
     attn_impl: str = "sdpa"          # sdpa (fused kernel) | explicit (softmax(QK^T/sqrt(d_k))V written out)
     # pretraining
     batch_size: int = 16             # sequences per micro-batch (per process under DDP)
@@ -130,7 +134,47 @@ PRESETS = {
 }
 
 # What decides the checkpoints in out_dir: a run with other values is refused there (claim_out_dir).
-CLAIMED_FIELDS = ("init_from", "data", "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias")
+CLAIMED_FIELDS = ("init_from", "data", "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias", "arch",
+                  "n_kv_head", "qk_norm", "rope_theta")
+ABLATION_FIELDS = ("data", "vocab_size", "n_layer", "n_head", "n_embd", "block_size")   # its rows set the rest
+ARCHS = ("gpt2", "llama")
+
+
+def swiglu_width(n_embd, multiple=32):
+    """SwiGLU's hidden width: 2/3 of GELU's 4 n_embd (three matrices instead of two, the same parameters),
+    rounded up to a multiple of 32 as Llama rounds it (to 256 there) for matmul-friendly shapes."""
+    return multiple * math.ceil(8 * n_embd / 3 / multiple)
+
+
+def model_config_for(cfg, vocab_size, **switches):
+    """The GPTConfig that cfg describes: --arch gpt2 is GPT-2's block, --arch llama the modern decoder's
+    (RMSNorm, RoPE, SwiGLU, no biases); --n_kv_head and --qk_norm apply to both. `switches` overrides
+    single GPTConfig fields (the ablation's rows)."""
+    fields = dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                  n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, attn_impl=cfg.attn_impl,
+                  n_kv_head=cfg.n_kv_head or None, qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta)
+    if cfg.arch == "llama":
+        fields.update(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, intermediate_size=swiglu_width(cfg.n_embd))
+    fields.update(switches)
+    return GPTConfig(**fields)
+
+
+# The ablation (--stage ablation): GPT-2 turned into the modern decoder one change at a time, each row
+# pretrained from scratch on the same data, steps, batches and learning rate as the row before.
+def ablation_rows(cfg):
+    kv_heads = max(1, cfg.n_head // 2)
+    rows = [("GPT-2", dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, intermediate_size=None,
+                          n_kv_head=None, qk_norm=False)),
+            ("+ RMSNorm, no biases", dict(norm="rmsnorm", bias=False)),
+            ("+ RoPE", dict(pos="rope")),
+            ("+ SwiGLU", dict(mlp="swiglu", intermediate_size=swiglu_width(cfg.n_embd))),
+            (f"+ GQA ({kv_heads} kv head{'s' if kv_heads > 1 else ''} for {cfg.n_head})", dict(n_kv_head=kv_heads)),
+            ("+ QK-norm", dict(qk_norm=True))]
+    switches, cumulative = {}, []
+    for name, change in rows:
+        switches = {**switches, **change}
+        cumulative.append((name, switches))
+    return cumulative
 
 
 def check_config(cfg):
@@ -146,10 +190,20 @@ def check_config(cfg):
     if cfg.resume and cfg.init_from:
         raise UserError("--resume continues a stopped pretraining run and --init_from skips pretraining: "
                         "pass one of them")
-    if cfg.resume and cfg.stage not in ("all", "pretrain"):
+    if cfg.resume and cfg.stage not in ("all", "pretrain", "ablation"):
         raise UserError(f"--resume continues a stopped pretraining run; --stage {cfg.stage} does not pretrain")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    if cfg.arch not in ARCHS:
+        raise UserError(f"unknown arch {cfg.arch!r} (valid: {', '.join(ARCHS)})")
+    if cfg.n_kv_head < 0 or (cfg.n_kv_head and cfg.n_head % cfg.n_kv_head):
+        raise UserError(f"--n_kv_head must divide n_head ({cfg.n_head}), got {cfg.n_kv_head}")
+    if (cfg.arch == "llama" or cfg.stage == "ablation") and (cfg.n_embd // cfg.n_head) % 2:
+        raise UserError(f"RoPE rotates pairs of dimensions: n_embd / n_head ({cfg.n_embd // cfg.n_head}) must be even")
+    if not cfg.rope_theta > 0:
+        raise UserError(f"--rope_theta must be positive, got {cfg.rope_theta}")
+    if cfg.stage == "ablation" and cfg.init_from:
+        raise UserError("--stage ablation pretrains every row from scratch: --init_from has no place in it")
     if cfg.attn_impl not in ("sdpa", "explicit"):
         raise UserError(f"unknown attn_impl {cfg.attn_impl!r} (valid: sdpa, explicit)")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
@@ -251,8 +305,8 @@ def load_gpt2_folder(cfg, rt):
             raise UserError(f"--init_from {folder} has no tokenizer.json or vocab.json + merges.txt, and tiktoken "
                             f"could not fetch GPT-2's vocabulary either (offline?): copy GPT-2's tokenizer.json "
                             f"(or vocab.json and merges.txt) into {folder}") from None
-    if EOT not in tokenizer.special_tokens:
-        raise UserError(f"--init_from {folder}: the vocabulary has no {EOT} token")
+    if tokenizer.eot_id is None:
+        raise UserError(f"--init_from {folder}: the vocabulary has no end-of-text token ({EOT} or <|end_of_text|>)")
     if tokenizer.vocab_size > base.config.vocab_size:
         raise UserError(f"--init_from {folder}: the vocabulary has {tokenizer.vocab_size} tokens, the model's "
                         f"embedding only {base.config.vocab_size}")
@@ -289,7 +343,7 @@ def estimate_loss(model, tokens, cfg, rt, split):
 def prompt_ids(tokenizer, prompt, block_size):
     """The ids to continue: the prompt's, or <|endoftext|> alone (a fresh document); one line if the
     prompt leaves no room in the context."""
-    ids = tokenizer.encode(prompt) if prompt else [tokenizer.special_tokens[EOT]]
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     if len(ids) >= block_size:
         raise UserError(f"the prompt is {len(ids)} tokens, longer than the context (block_size {block_size})")
     return ids
@@ -298,7 +352,7 @@ def prompt_ids(tokenizer, prompt, block_size):
 def sample_text(model, tokenizer, rt, prompt="", max_new_tokens=64, temperature=0.8, top_k=0, top_p=0.95,
                 num_samples=1, seed=0):
     """Continue `prompt` (or start a new document after <|endoftext|>) with the KV cache."""
-    eot = tokenizer.special_tokens[EOT]
+    eot = tokenizer.eot_id
     ids = prompt_ids(tokenizer, prompt, model.config.block_size)
     idx = torch.tensor([ids] * num_samples, device=rt.device)
     generator = torch.Generator(device=rt.device).manual_seed(seed)
@@ -314,13 +368,12 @@ def sample_text(model, tokenizer, rt, prompt="", max_new_tokens=64, temperature=
     return texts
 
 
-def pretrain(cfg, rt, tokenizer, documents, out_dir, stopped=None):
+def pretrain(cfg, rt, tokenizer, documents, out_dir, stopped=None, model_config=None):
     """Train a GPT from random weights on the corpus, or continue `stopped` (the checkpoint of a stopped
-    run, --resume) exactly where it stopped; returns (model, pretraining report)."""
+    run, --resume) exactly where it stopped; returns (model, pretraining report). The model is the one cfg
+    describes, or `model_config` (an ablation row)."""
     ckpt_path = out_dir / "ckpt.pt"
-    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.vocab_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                             attn_impl=cfg.attn_impl)
+    model_config = model_config or model_config_for(cfg, tokenizer.vocab_size)
     if stopped is not None and stopped.get("model_config") != dataclasses.asdict(model_config):
         raise UserError(f"{ckpt_path} was saved for another model config ({stopped.get('model_config')}); "
                         f"use the same flags, or another --out_dir")
@@ -345,7 +398,10 @@ def pretrain(cfg, rt, tokenizer, documents, out_dir, stopped=None):
             return model, stopped["report"]
 
     rt.log(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({model_config.n_layer} layers, "
-           f"{model_config.n_head} heads, {model_config.n_embd} wide, context {model_config.block_size})")
+           f"{model_config.n_head} heads, {model_config.n_embd} wide, context {model_config.block_size}; "
+           f"{model_config.norm}, {model_config.pos} positions, {model_config.mlp}"
+           f"{f', {model_config.kv_heads} kv heads' if model_config.kv_heads != model_config.n_head else ''}"
+           f"{', QK-norm' if model_config.qk_norm else ''})")
     train_model = rt.wrap(rt.maybe_compile(model))
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * rt.world_size
     progress = Progress(cfg.max_iters, tokens_per_iter, log=rt.log, log_interval=cfg.log_interval,
@@ -416,6 +472,24 @@ def pretrain(cfg, rt, tokenizer, documents, out_dir, stopped=None):
     return model, pretrain_report()
 
 
+def ablation(cfg, rt, tokenizer, documents, out_dir):
+    """--stage ablation: pretrain each row of `ablation_rows` from scratch with cfg's budget, in
+    out_dir/ablation/<row>; returns {row: its parameters, best val loss, tokens/s and seconds}. With
+    --resume, finished rows are read back and a stopped row continues."""
+    results, rows = {}, ablation_rows(cfg)
+    for number, (name, switches) in enumerate(rows, 1):
+        row_dir = out_dir / "ablation" / str(number)
+        rt.log(f"\nablation {number}/{len(rows)}: {name}")
+        stopped = None
+        if cfg.resume and (row_dir / "ckpt.pt").exists():
+            stopped, _ = load_stopped_run(cfg, row_dir, documents)
+        _, summary = pretrain(cfg, rt, tokenizer, documents, row_dir, stopped,
+                              model_config_for(cfg, tokenizer.vocab_size, **switches))
+        results[name] = {key: summary[key] for key in ("parameters", "val_loss", "perplexity", "tokens_per_second",
+                                                       "seconds")}
+    return results
+
+
 # ------------------------------------------------------------------------------ 5-6. finetuning data
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
@@ -432,7 +506,7 @@ def instruction_example(tokenizer, example, block_size):
     Loss masking: L = -sum over response positions t of log p(x_t | x_<t); the prompt is context only.
     """
     prompt = tokenizer.encode(format_prompt(example))
-    response = tokenizer.encode(example["response"]) + [tokenizer.special_tokens[EOT]]
+    response = tokenizer.encode(example["response"]) + [tokenizer.eot_id]
     prompt = prompt[-(block_size // 2):]                 # a very long prompt keeps its end
     sequence = (prompt + response)[:block_size + 1]
     labels = ([-100] * len(prompt) + response)[:block_size + 1]
@@ -543,7 +617,7 @@ def response_loss(model, items, cfg, rt, pad_id):
 @torch.no_grad()
 def answer_examples(model, tokenizer, examples, cfg, rt):
     """Greedy answers of the instruction-tuned model next to the reference answers."""
-    eot = tokenizer.special_tokens[EOT]
+    eot = tokenizer.eot_id
     rows = []
     for example in examples:
         prompt = tokenizer.encode(format_prompt(example))[-(cfg.block_size // 2):]
@@ -560,7 +634,7 @@ def answer_examples(model, tokenizer, examples, cfg, rt):
 def instruction_tuning(task, splits, base, tokenizer, cfg, rt, out_dir):
     """Finetune the GPT to answer instructions, from the pretrained weights and from scratch with the same
     budget; returns the task's report row (metric: the test response loss)."""
-    pad_id = tokenizer.special_tokens[EOT]
+    pad_id = tokenizer.eot_id
     items = {split: [instruction_example(tokenizer, e, cfg.block_size) for e in examples]
              for split, examples in splits.items()}
     rt.log(f"\nfinetuning on {task} (instruction): {len(items['train'])} train / {len(items['val'])} val / "
@@ -673,7 +747,7 @@ def classification_metrics(model, items, cfg, rt, pad_id, num_labels):
 def classification_finetuning(task, splits, base, tokenizer, cfg, rt, out_dir):
     """Finetune a classifier head on the GPT (and the GPT with it), from the pretrained weights and from
     scratch with the same budget; returns the task's report row (metric: test accuracy)."""
-    pad_id = tokenizer.special_tokens[EOT]
+    pad_id = tokenizer.eot_id
     labels = data.task_labels(splits["train"])
     index = {label: i for i, label in enumerate(labels)}
     items = {split: [(tokenizer.encode(e["text"])[:cfg.block_size], index[e["label"]]) for e in examples]
@@ -687,7 +761,8 @@ def classification_finetuning(task, splits, base, tokenizer, cfg, rt, out_dir):
         gpt = finetuning_start(base, init, cfg, rt)
         model = GPTClassifier(gpt, len(labels)).to(rt.device)
         if cfg.freeze_layers >= 0:
-            for module in (gpt.transformer.wte, gpt.transformer.wpe, *gpt.transformer.h[:cfg.freeze_layers]):
+            embeddings = [gpt.transformer.wte] + ([gpt.transformer.wpe] if gpt.transformer.wpe is not None else [])
+            for module in (*embeddings, *gpt.transformer.h[:cfg.freeze_layers]):
                 module.requires_grad_(False)
         optimizer = model.configure_optimizers(cfg.weight_decay, cfg.ft_lr, (cfg.beta1, cfg.beta2), rt.device_type)
         train_model = rt.wrap(model)
@@ -852,7 +927,7 @@ def main(argv=None):
               "world_size": rt.world_size}
 
     # What can fail fails here, before the slow work: the corpus, the tasks, the folder, the weights.
-    pretraining = cfg.stage in ("all", "pretrain") and not cfg.init_from
+    pretraining = cfg.stage in ("all", "pretrain", "ablation") and not cfg.init_from
     documents = data.corpus_documents(cfg.data) if pretraining else None
     tasks = load_finetuning_tasks(cfg) if cfg.stage in ("all", "finetune") else {}
 
@@ -863,8 +938,11 @@ def main(argv=None):
         cfg.block_size = min(cfg.block_size, base.config.block_size)
     elif pretraining:
         base = None
-        claim_out_dir(out_dir, dataclasses.asdict(cfg), CLAIMED_FIELDS)
-        if cfg.resume:
+        if cfg.stage == "ablation":   # its rows have their own folders; what they share is claimed for them
+            claim_out_dir(out_dir / "ablation", dataclasses.asdict(cfg), ABLATION_FIELDS)
+        else:
+            claim_out_dir(out_dir, dataclasses.asdict(cfg), CLAIMED_FIELDS)
+        if cfg.resume and cfg.stage != "ablation":
             stopped, tokenizer = load_stopped_run(cfg, out_dir, documents)
         else:   # trained once per corpus content, vocabulary size and special tokens, then cached
             stopped = None
@@ -877,8 +955,10 @@ def main(argv=None):
     if cfg.stage in ("all", "sample"):   # a prompt too long for the context fails now, not after training
         prompt_ids(tokenizer, cfg.prompt, cfg.block_size if base is None else base.config.block_size)
 
-    # 4. pretraining --------------------------------------------------------------------------------
-    if pretraining:
+    # 4. pretraining (or the ablation: one pretraining per architecture) ----------------------------
+    if cfg.stage == "ablation":
+        report["ablation"] = ablation(cfg, rt, tokenizer, documents, out_dir)
+    elif pretraining:
         if stopped is None and rt.is_main:   # a new model: the old report's finetuning rows measured another one
             (out_dir / "report.json").unlink(missing_ok=True)
         base, report["pretrain"] = pretrain(cfg, rt, tokenizer, documents, out_dir, stopped)
@@ -906,7 +986,13 @@ def main(argv=None):
         report["seconds"] = time.perf_counter() - run_start     # the whole recipe; each stage has its own too
     if rt.is_main:   # merged into out_dir/report.json: --stage X replaces its part and keeps the rest
         report = write_report(out_dir / "report.json", report, log=rt.log)
-        print_report({k: v for k, v in report.items() if k != "samples"}, title="05_gpt report", log=rt.log)
+        print_report({k: v for k, v in report.items() if k not in ("samples", "ablation")}, title="05_gpt report",
+                     log=rt.log)
+        if report.get("ablation"):
+            rt.log("ablation (each row adds one change to the row above; all pretrained alike):")
+            rt.log(format_table([{"architecture": name, **row} for name, row in report["ablation"].items()],
+                                ["architecture", "parameters", "val_loss", "perplexity", "tokens_per_second",
+                                 "seconds"]))
         rt.log(f"report written to {out_dir / 'report.json'}")
     rt.cleanup()
     return report

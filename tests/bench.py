@@ -8,6 +8,12 @@
                 peak; with --nanogpt PATH, nanoGPT's model.py from a local checkout timed side by side
                 in the same process, step for step alternating with ours
     generate    256 new tokens with the KV cache vs recomputing the whole context every step
+    modern      a training step of the modern decoder (RMSNorm, RoPE, SwiGLU, 2 of 4 KV heads, no biases) beside
+                GPT-2's at the gpt benchmark's shape, per parameter-FLOP (6 N + 12 L H Q T per token): eager,
+                and with --compile also torch.compiled (needs a C++ compiler; about a minute to compile)
+    hf          greedy generation with the KV cache, 256 tokens after 16, on the same small Llama (the modern
+                decoder saved with save_pretrained, loaded by transformers): ours vs transformers' generate,
+                identical tokens asserted (needs transformers)
     chapters    training tokens/s of each chapter's model (01 to 06) at one small shape
     --gpu       the GPU check (also tests/gpu_check.sh), on one CUDA GPU in about 8 minutes: every
                 chapter's tiny preset with --device cuda (bf16 autocast) and --compile, a 1-process
@@ -137,6 +143,72 @@ def bench_generate():
     print(f"the cache is {results['tFalse'] / results['tTrue']:.1f}x faster, with identical tokens")
 
 
+MODERN_SWITCHES = dict(norm="rmsnorm", pos="rope", mlp="swiglu", intermediate_size=704, n_kv_head=2, bias=False)
+
+
+def bench_modern(iters, compile_too):
+    """Seconds per step / FLOPs per token of the modern decoder over GPT-2's: 1.0 = as fast per unit of work."""
+    B, T, V = 16, 256, 1024
+    gpt = load_module(REPO_ROOT / "05_gpt" / "model.py")
+    x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    print(f"\n== modern decoder vs GPT-2: training step per parameter-FLOP, 4 layers, 4 heads, 256 wide, context {T}, "
+          f"batch {B}, float32 ==")
+    for compiled in ([False, True] if compile_too else [False]):
+        models, steps = {}, {}
+        for name, switches in (("GPT-2", {}), ("modern", MODERN_SWITCHES)):
+            torch.manual_seed(0)
+            model = gpt.GPT(gpt.GPTConfig(block_size=T, vocab_size=V, n_layer=4, n_head=4, n_embd=256, dropout=0.0,
+                                          **switches))
+            run = torch.compile(model) if compiled else model
+            models[name] = model
+            steps[name] = make_train_step(model, lambda run=run: run(x, y)[1],
+                                          model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu"))
+        seconds = time_steps(steps, iters)
+        per_flop = {name: seconds[name] / models[name].num_flops_per_token() for name in models}
+        for name, model in models.items():
+            print(f"{'compiled' if compiled else 'eager':<9} {name:<7} {model.num_parameters() / 1e6:.2f}M parameters "
+                  f"{model.num_flops_per_token() / 1e6:5.1f} MFLOPs/token  {seconds[name] * 1000:6.1f} ms/step")
+        print(f"{'compiled' if compiled else 'eager':<9} time per FLOP, modern / GPT-2: "
+              f"{per_flop['modern'] / per_flop['GPT-2']:.3f}")
+
+
+def bench_vs_transformers(iters):
+    """Greedy generation with the cache: our GPT vs transformers' LlamaForCausalLM with the same weights."""
+    import tempfile
+    try:
+        import transformers
+    except ImportError:
+        print("\n== hf: skipped (pip install transformers to compare with its generate) ==")
+        return
+    transformers.logging.set_verbosity_error()
+    gpt = load_module(REPO_ROOT / "05_gpt" / "model.py")
+    torch.manual_seed(0)
+    ours = gpt.GPT(gpt.GPTConfig(block_size=512, vocab_size=1024, n_layer=4, n_head=4, n_embd=256,
+                                 **MODERN_SWITCHES)).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        ours.save_pretrained(folder)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt, new = torch.randint(0, 1024, (1, 16)), 256
+    outputs = {}
+
+    def run(name, generate):
+        def step():
+            outputs[name] = generate()
+        return step
+    steps = {"ours": run("ours", lambda: ours.generate(prompt, new, temperature=0)),
+             f"transformers {transformers.__version__}": run("theirs", lambda: theirs.generate(
+                 prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0))}
+    print(f"\n== generation vs transformers: {type(theirs).__name__}, 4 layers, 4 heads (2 KV), 256 wide, greedy, "
+          f"{new} tokens after 16, batch 1 ==")
+    with torch.no_grad():
+        seconds = time_steps(steps, max(3, iters // 2), warmup=1)
+    assert torch.equal(outputs["ours"], outputs["theirs"]), "our tokens differ from transformers'"
+    for name, s in seconds.items():
+        print(f"{name:<22} {s:6.3f} s  {new / s:7.1f} tok/s")
+    ours_seconds, theirs_seconds = seconds.values()
+    print(f"ours / transformers: {ours_seconds / theirs_seconds:.2f}x the time, identical tokens")
+
+
 def bench_chapters(iters):
     """Training tokens/s of each chapter's model at one small shape: width 256, 4 heads, 4 layers (2 + 2
     for the encoder-decoders), batch 16, context 128 (64 + 64 for the encoder-decoders), float32, eager."""
@@ -236,7 +308,7 @@ def bench_gpu():
         sys.exit(1)
 
 
-BENCHMARKS = ("tokenizer", "gpt", "generate", "chapters")
+BENCHMARKS = ("tokenizer", "gpt", "generate", "modern", "hf", "chapters")
 
 
 def main():
@@ -245,6 +317,7 @@ def main():
     parser.add_argument("--only", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS), metavar="NAME",
                         help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--compile", action="store_true", help="modern: also time both models torch.compiled")
     parser.add_argument("--gpu", action="store_true", help="run the GPU check instead (see above)")
     args = parser.parse_args()
     if args.gpu:
@@ -256,6 +329,10 @@ def main():
         bench_gpt(args.nanogpt, args.iters)
     if "generate" in args.only:
         bench_generate()
+    if "modern" in args.only:
+        bench_modern(args.iters, args.compile)
+    if "hf" in args.only:
+        bench_vs_transformers(args.iters)
     if "chapters" in args.only:
         bench_chapters(args.iters)
 

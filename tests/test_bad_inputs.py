@@ -105,6 +105,11 @@ CHAPTER_ROWS = {
     ],
     "05_gpt": [
         (["--n_embd", "30", "--n_head", "4"], "n_embd (30) must be divisible by n_head (4)", {}),
+        (["--arch", "mamba"], "unknown arch 'mamba' (valid: gpt2, llama)", {}),
+        (["--n_kv_head", "3"], "--n_kv_head must divide n_head (2), got 3", {}),
+        (["--arch", "llama", "--n_embd", "36", "--n_head", "4"], "RoPE rotates pairs of dimensions", {}),
+        (["--stage", "ablation", "--init_from", "{tmp}/gpt2"], "--stage ablation pretrains", {"gpt2/": ""}),
+        (["--rope_theta", "0"], "--rope_theta must be positive", {}),
         (["--tasks", "summarise"], "unknown task 'summarise'", {}),
         (["--stage", "everything"], "unknown stage", {}),
         (["--dropout", "1.5"], "--dropout", {}),

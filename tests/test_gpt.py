@@ -900,6 +900,29 @@ def test_kv_cache_holds_only_the_kv_heads():
             assert k.shape == v.shape == (3, switches["n_kv_head"], 7, d_head), family
 
 
+def test_kv_cache_with_capacity_writes_in_place_and_equals_concatenation():
+    """A cache given a capacity (as generate makes it) fills preallocated buffers, a pre-filled one included,
+    with the same keys, values and outputs as the growing one; under autograd it concatenates, so that
+    gradients reach what it holds (prefix tuning)."""
+    model = make_model(**MODERN["llama"]).eval()
+    idx = random_ids(2, 12)
+    prefix = [(torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8)) for _ in range(TINY["n_layer"])]
+    growing, buffered = gpt.KVCache(TINY["n_layer"], prefix), gpt.KVCache(TINY["n_layer"], prefix, capacity=15)
+    with torch.no_grad():
+        for start, end in ((0, 5), (5, 6), (6, 12)):
+            mask = torch.ones(2, 3 + end)
+            a = model(idx[:, start:end], attention_mask=mask, cache=growing)[0]
+            b = model(idx[:, start:end], attention_mask=mask, cache=buffered)[0]
+            assert torch.equal(a, b)
+    assert buffered.buffers[0][0].shape == (2, 2, 15, 8) and buffered.length == growing.length == 15
+    for (k1, v1), (k2, v2) in zip(growing.layers, buffered.layers):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    learned = torch.zeros(2, 2, 3, 8, requires_grad=True)
+    cache = gpt.KVCache(TINY["n_layer"], [(learned, learned)] * TINY["n_layer"], capacity=15)
+    model(idx[:, :4], attention_mask=torch.ones(2, 7), cache=cache)[0].sum().backward()
+    assert learned.grad is not None and cache.buffers == [None] * TINY["n_layer"]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_modern_sdpa_path_equals_explicit_path_and_is_causal(family):
     model = make_model("sdpa", **MODERN[family])
@@ -1121,3 +1144,62 @@ def test_modern_save_pretrained_loads_in_transformers_with_the_same_logits(tmp_p
         diff = (theirs(idx).logits - model(idx)[0]).abs().max().item()
     print(f"{family} export: max |ours - transformers| = {diff:.2e}")
     assert diff < 1e-4
+
+
+def test_init_from_a_llama3_folder_whose_vocabulary_ends_documents_with_end_of_text(train, cache, tmp_path):
+    """A Llama 3 folder: GQA, untied head, and a vocabulary whose document end is <|end_of_text|> (no
+    <|endoftext|>): the recipe pads and ends answers with it. The tokenizer.json is written by save_hf."""
+    from test_common_tokenizer import sample_text
+    folder = tmp_path / "llama3-tiny"
+    base = train.BPETokenizer.train(sample_text()[:30_000], vocab_size=400)
+    tokenizer = train.BPETokenizer(base.ranks, base.pattern, {"<|begin_of_text|>": 400, "<|end_of_text|>": 401})
+    tokenizer.save_hf(folder)
+    make_model(**{**LLAMA, "vocab_size": 402, "block_size": 64}).save_pretrained(folder)
+    report = train.main(["--preset", "tiny", "--init_from", str(folder), "--stage", "finetune", "--device", "cpu",
+                         "--out_dir", str(tmp_path / "out"), "--scratch", "false", "--quantize", "false"])
+    for task in ("python-qa", "docstring-module"):
+        assert report["finetune"][task]["pretrained"] is not None
+    example = train.instruction_example(tokenizer, {"instruction": "hi", "input": "", "response": "yo"}, 64)
+    assert example[1][-1] == 401                                     # the answer ends with <|end_of_text|>
+
+
+def test_arch_llama_pretrains_the_modern_decoder_and_finetunes_it(train, cache, tmp_path):
+    """--arch llama: RMSNorm, RoPE, SwiGLU (2/3 of 4 n_embd, rounded up to 32), no biases; --n_kv_head and
+    --qk_norm on top; the checkpoint holds that config and every stage runs on it."""
+    out_dir = tmp_path / "llama"
+    report = train.main(["--preset", "tiny", "--device", "cpu", "--arch", "llama", "--n_kv_head", "1", "--qk_norm",
+                         "--out_dir", str(out_dir)])
+    config = torch.load(out_dir / "ckpt.pt", weights_only=True)["model_config"]
+    assert (config["norm"], config["pos"], config["mlp"], config["bias"]) == ("rmsnorm", "rope", "swiglu", False)
+    assert (config["n_kv_head"], config["qk_norm"], config["intermediate_size"]) == (1, True, 96)
+    assert report["pretrain"]["val_loss"] < math.log(300)
+    assert set(report["finetune"]) == {"python-qa", "docstring-module"}
+    assert train.swiglu_width(192) == 512 and train.swiglu_width(768) == 2048
+    model = train.GPT(train.GPTConfig(**config))
+    assert model.hf_family() == "qwen3"                              # QK-norm: exportable as Qwen3
+
+
+def test_ablation_stage_trains_each_row_with_one_more_change(train, cache, tmp_path, capsys):
+    """--stage ablation: six rows, each the row above plus one change, pretrained alike; the table in the
+    report and on screen; --resume reads finished rows back instead of training them again."""
+    args = ["--preset", "tiny", "--device", "cpu", "--stage", "ablation", "--max_iters", "6", "--eval_interval", "6",
+            "--n_head", "4", "--out_dir", str(tmp_path)]
+    report = train.main(args)
+    rows = report["ablation"]
+    assert list(rows) == ["GPT-2", "+ RMSNorm, no biases", "+ RoPE", "+ SwiGLU", "+ GQA (2 kv heads for 4)",
+                          "+ QK-norm"]
+    configs = [torch.load(tmp_path / "ablation" / str(i) / "ckpt.pt", weights_only=True)["model_config"]
+               for i in range(1, 7)]
+    changed = [sorted(k for k in configs[i] if configs[i][k] != configs[i - 1][k]) for i in range(1, 6)]
+    assert changed == [["bias", "norm"], ["pos"], ["intermediate_size", "mlp"], ["n_kv_head"], ["qk_norm"]]
+    assert configs[0]["norm"] == "layernorm" and configs[0]["bias"] is True
+    C, d_head = 32, 8
+    assert rows["+ GQA (2 kv heads for 4)"]["parameters"] == rows["+ SwiGLU"]["parameters"] - 2 * C * 2 * d_head
+    assert rows["+ QK-norm"]["parameters"] == rows["+ GQA (2 kv heads for 4)"]["parameters"] + 2 * d_head
+    assert all(row["val_loss"] < math.log(300) and row["tokens_per_second"] > 0 for row in rows.values())
+    assert "+ QK-norm" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["ablation"] == json.loads(json.dumps(rows))
+    again = train.main([*args, "--resume"])
+    assert {name: row["val_loss"] for name, row in again["ablation"].items()} == \
+        {name: row["val_loss"] for name, row in rows.items()}
