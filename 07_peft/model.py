@@ -10,12 +10,16 @@ base model:
                P = MLP(P') while training, the MLP folded away afterwards                   Li & Liang 2021
     prompt     X = [E_soft; E x]: n learned embeddings before the input's own              Lester et al. 2021
     adapter    h <- h + W_up f(W_down h) after attention and after the MLP, W_up = 0      Houlsby et al. 2019
-    (IA)^3     K <- l_k * K, V <- l_v * V, FFN hidden <- l_ff * GELU(x W_1), all l = 1     Liu et al. 2022
+    (IA)^3     K <- l_k * K, V <- l_v * V, FFN hidden <- l_ff * hidden, all l = 1         Liu et al. 2022
 
 LoRA, DoRA, adapters and (IA)^3 go inside the blocks: `add_lora`, `add_adapters`, `add_ia3` replace
 modules of the GPT in place by small wrappers (a frozen nn.Linear plus its update). Prefix and prompt
 tuning work at the inputs of attention and of the model: `PrefixTuning` and `PromptTuning` wrap the GPT.
-Everything here works on `05_gpt/model.py`'s GPT unchanged; `trainable_parameters` counts for all.
+Everything here works on `05_gpt/model.py`'s GPT unchanged, GPT-2 and the modern decoder (Llama, Qwen)
+alike: grouped-query attention gives K and V n_kv_head d_k rows of the fused projection (so LoRA's k and
+v blocks, (IA)^3's l_k and l_v, and the prefix's keys and values are that wide), SwiGLU's hidden units
+silu(W1 x) * W3 x take (IA)^3's l_ff where GELU's do, and with RoPE the soft prompt and the prefix take
+positions as real tokens would. `trainable_parameters` counts for all.
 """
 
 import math
@@ -88,44 +92,88 @@ def _replace_module(model, name, new_module):
 
 
 # ----------------------------------------------------------------------------------------- LoRA, DoRA
-# Target names: q, k and v are row blocks of the fused projection attn.c_attn ([q; k; v] = W x, W of
-# shape (3 C, C)); the other names are module-name suffixes. Groups expand to several names.
-QKV_PARTS = ("q", "k", "v")
-LORA_TARGETS = ("q", "k", "v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-LORA_GROUPS = {"attn": ("q", "k", "v", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj"), "all": LORA_TARGETS}
+# Target names are those of the Llama checkpoints (and of peft's target_modules there, q_proj ... down_proj):
+# q, k, v, o for W^Q, W^K, W^V, W^O, and gate, up, down for the FFN's W1, W3, W2. In 05's GPT, q, k and v
+# are row blocks of the fused attn.c_attn ([q; k; v] = W x, of attn.qkv_sizes rows: n_head d_k, n_kv_head
+# d_k, n_kv_head d_k), and gate and up the two row blocks of SwiGLU's mlp.c_fc = [W1; W3]; o is attn.c_proj
+# and down mlp.c_proj. GPT-2's GELU MLP has no gate: there, up is the whole mlp.c_fc. Groups expand to
+# several names (on a GELU MLP, "mlp" and "all" have no gate).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"), "all": LORA_TARGETS}
+TARGET_MODULES = {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
+                  "gate": "mlp.c_fc", "up": "mlp.c_fc", "down": "mlp.c_proj"}
+
+
+def parse_lora_targets(targets):
+    """"q,v", ["q", "v"] or a group -> (every target name, the names given one by one); an unknown name is
+    a ValueError. ["attn", "down"] -> ({"q", "k", "v", "o", "down"}, {"down"})."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    wanted, named = set(), set()
+    for target in targets:
+        if target not in LORA_GROUPS and target not in LORA_TARGETS:
+            raise ValueError(f"unknown LoRA target {target!r} (valid: {', '.join(LORA_TARGETS + tuple(LORA_GROUPS))})")
+        wanted.update(LORA_GROUPS.get(target, (target,)))
+        named.update({target} - set(LORA_GROUPS))
+    if not wanted:
+        raise ValueError("no LoRA target given (valid: " + ", ".join(LORA_TARGETS + tuple(LORA_GROUPS)) + ")")
+    return wanted, named
+
+
+def lora_row_blocks(block):
+    """{module name in `block`: {part: (first row, last row + 1)}}: every block of output rows of the four
+    Linear layers LoRA can adapt. With n_head 4, n_kv_head 2, d_k 8, intermediate_size 48 (SwiGLU):
+
+        attn.c_attn  {"q": (0, 32), "k": (32, 48), "v": (48, 64)}      attn.c_proj  {"all": (0, 32)}   (o)
+        mlp.c_fc     {"gate": (0, 48), "up": (48, 96)}                 mlp.c_proj   {"all": (0, 32)}   (down)
+
+    and on GPT-2's GELU MLP mlp.c_fc is {"all": (0, 4 C)} (up). A whole Linear is the single part "all".
+    """
+    q_rows, kv_rows, _ = block.attn.qkv_sizes
+    ffn_width = _base_linear(block.mlp.c_proj).in_features
+    gated = isinstance(block.mlp, gpt_lib.SwiGLU)
+    return {"attn.c_attn": {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows),
+                            "v": (q_rows + kv_rows, q_rows + 2 * kv_rows)},
+            "attn.c_proj": {"all": (0, _base_linear(block.attn.c_proj).out_features)},
+            "mlp.c_fc": {"gate": (0, ffn_width), "up": (ffn_width, 2 * ffn_width)} if gated
+            else {"all": (0, ffn_width)},
+            "mlp.c_proj": {"all": (0, _base_linear(block.mlp.c_proj).out_features)}}
 
 
 def lora_targets(model, targets):
     """{module name: {part: (first row, last row + 1)}} for the Linear layers that `targets` names.
 
-    ["q", "v"] on a 2-layer GPT of width 32 ->
+    ["q", "v"] on a 2-layer GPT-2 of width 32 ->
         {"transformer.h.0.attn.c_attn": {"q": (0, 32), "v": (64, 96)}, "transformer.h.1.attn.c_attn": ...}
-    A whole (unfused) Linear is the single part "all".
+    and on a GQA model the k and v blocks are n_kv_head d_k rows (see `lora_row_blocks`). "gate" on a GELU
+    MLP is a ValueError.
     """
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    wanted = set()
-    for target in targets:
-        if target not in LORA_GROUPS and target not in LORA_TARGETS:
-            raise ValueError(f"unknown LoRA target {target!r} (valid: {', '.join(LORA_TARGETS + tuple(LORA_GROUPS))})")
-        wanted.update(LORA_GROUPS.get(target, (target,)))
+    wanted, named = parse_lora_targets(targets)
     found = {}
-    for name, module in model.named_modules():
-        linear = module.base if isinstance(module, LoRALinear) else module
-        if not isinstance(linear, nn.Linear) or ".base" in name or name.endswith("lm_head"):
-            continue
-        if name.endswith("attn.c_attn"):
-            C = linear.out_features // 3
-            parts = {p: (i * C, (i + 1) * C) for i, p in enumerate(QKV_PARTS) if p in wanted}
-        elif any(name.endswith(target) for target in wanted if "." in target):
-            parts = {"all": (0, linear.out_features)}
-        else:
-            continue
-        if parts:
-            found[name] = parts
+    for block_name, block in _named_blocks(model):
+        row_blocks = lora_row_blocks(block)
+        for target in sorted(wanted, key=LORA_TARGETS.index):
+            module_name = TARGET_MODULES[target]
+            parts = row_blocks[module_name]
+            part = target if target in parts else "all" if target in ("o", "up", "down") else None
+            if part is None:
+                if target in named:
+                    raise ValueError(f"LoRA target {target!r}: this model's MLP is GELU(x W_1) W_2, which has no "
+                                     f"gate (SwiGLU's W1); its matrices are up (mlp.c_fc) and down (mlp.c_proj)")
+                continue                                   # "mlp" / "all" on a GELU MLP: no gate to adapt
+            module = block.get_submodule(module_name)
+            if not isinstance(_base_linear(module), nn.Linear):
+                raise ValueError(f"LoRA target {target!r}: {block_name}.{module_name} is a {type(module).__name__}, "
+                                 f"not an nn.Linear (another method already wraps it)")
+            found.setdefault(f"{block_name}.{module_name}", {})[part] = parts[part]
     if not found:
         raise ValueError(f"no Linear layer of the model matches the LoRA targets {sorted(wanted)}")
     return found
+
+
+def _base_linear(module):
+    """The nn.Linear itself, under a LoRALinear wrapper if there is one."""
+    return module.base if isinstance(module, LoRALinear) else module
 
 
 class LoRAUpdate(nn.Module):
@@ -169,9 +217,10 @@ class LoRALinear(nn.Module):
         DoRA:  h = m / ||W0 + (alpha / r) B A||_row * (W0 x + (alpha / r) B A dropout(x)) + b
 
     B A x is computed as B (A x): the d_out x d_in matrix B A is never formed on the LoRA path. On the
-    fused q/k/v projection each selected part has its own A and B acting on its rows only, which is
-    exactly LoRA on separate W_q, W_k, W_v (as in the paper). `merge` writes the active update into W0
-    (inference then costs nothing extra); `unmerge` takes it out again.
+    fused q/k/v projection (and SwiGLU's fused gate/up) each selected part has its own A and B acting on
+    its rows only, which is exactly LoRA on separate W_q, W_k, W_v (as in the paper, and as peft on a
+    Llama's q_proj, k_proj, v_proj). `merge` writes the active update into W0 (inference then costs
+    nothing extra); `unmerge` takes it out again.
     """
 
     def __init__(self, base, parts):
@@ -258,10 +307,12 @@ def add_lora(model, r=8, alpha=16.0, dropout=0.0, targets=("q", "v"), dora=False
     targets_found = lora_targets(model, targets)
     if not lora_layers(model):
         model.requires_grad_(False)
+    row_blocks = {f"{block_name}.{module_name}": blocks for block_name, block in _named_blocks(model)
+                  for module_name, blocks in lora_row_blocks(block).items()}
     for module_name, parts in targets_found.items():
         module = model.get_submodule(module_name)
         if not isinstance(module, LoRALinear):
-            module = LoRALinear(module, lora_row_blocks(module))
+            module = LoRALinear(module, row_blocks[module_name])
             _replace_module(model, module_name, module)
         if module.merged is not None:
             raise ValueError(f"{module_name} has adapter {module.merged!r} merged; unmerge before adding another")
@@ -272,14 +323,6 @@ def add_lora(model, r=8, alpha=16.0, dropout=0.0, targets=("q", "v"), dora=False
                                  "targets": list(targets) if not isinstance(targets, str) else targets}}
     set_adapter(model, name)
     return model
-
-
-def lora_row_blocks(linear):
-    """The blocks of output rows of a Linear: q, k, v for a fused projection (3 C outputs), else one."""
-    if linear.out_features == 3 * linear.in_features:
-        C = linear.in_features
-        return {p: (i * C, (i + 1) * C) for i, p in enumerate(QKV_PARTS)}
-    return {"all": (0, linear.out_features)}
 
 
 def set_adapter(model, name):
@@ -380,48 +423,63 @@ def add_adapters(model, bottleneck=16, dropout=0.0):
     return model.to(next(model.parameters()).device)
 
 
-def _blocks(model):
-    blocks = [m for m in model.modules() if isinstance(m, gpt_lib.Block)]
+def _named_blocks(model):
+    """[(name, block)] of the Transformer blocks of 05's GPT inside `model`."""
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, gpt_lib.Block)]
     if not blocks:
         raise ValueError("no Transformer blocks of 05_gpt's GPT found in the model")
     return blocks
 
 
+def _blocks(model):
+    return [block for _, block in _named_blocks(model)]
+
+
 # ------------------------------------------------------------------------------------------- (IA)^3
 class IA3QKV(nn.Module):
-    """The fused projection [q; k; v] = W x + b with the keys and values rescaled: [q; l_k * k; l_v * v]."""
+    """The fused projection [q; k; v] = W x + b with the keys and values rescaled: [q; l_k * k; l_v * v].
+
+    `sizes` are the rows of q, k and v (attn.qkv_sizes): with grouped-query attention k and v have
+    n_kv_head d_k rows each, and so l_k and l_v (as peft's ia3_l on a Llama's k_proj and v_proj).
+    """
+
+    def __init__(self, base, sizes):
+        super().__init__()
+        self.base = base
+        self.sizes = list(sizes)                                   # [nh d_k, nkv d_k, nkv d_k]
+        self.l_k = nn.Parameter(torch.ones(self.sizes[1]))
+        self.l_v = nn.Parameter(torch.ones(self.sizes[2]))
+
+    def forward(self, x):
+        q, k, v = self.base(x).split(self.sizes, dim=-1)           # (..., nh d_k), (..., nkv d_k) x 2
+        return torch.cat([q, self.l_k * k, self.l_v * v], dim=-1)
+
+
+class IA3ScaledInput(nn.Module):
+    """The FFN's output projection W_2 reading rescaled hidden units: W_2 (l_ff * hidden) + b_2.
+
+    hidden is the input of mlp.c_proj: GELU(x W_1 + b_1) in GPT-2 (l_ff of size 4 C), silu(W1 x) * W3 x
+    in SwiGLU (size intermediate_size). Scaling the input of W_2 is scaling the hidden units, whatever
+    the activation that made them, and it is what peft's (IA)^3 does to a `feedforward_modules` layer.
+    """
 
     def __init__(self, base):
         super().__init__()
         self.base = base
-        C = base.out_features // 3
-        self.l_k = nn.Parameter(torch.ones(C))
-        self.l_v = nn.Parameter(torch.ones(C))
+        self.l_ff = nn.Parameter(torch.ones(base.in_features))
 
-    def forward(self, x):
-        q, k, v = self.base(x).chunk(3, dim=-1)                    # each (..., C)
-        return torch.cat([q, self.l_k * k, self.l_v * v], dim=-1)
-
-
-class IA3Activation(nn.Module):
-    """The MLP's hidden activations rescaled: l_ff * GELU(x W_1 + b_1), l_ff of size 4 C."""
-
-    def __init__(self, activation, width):
-        super().__init__()
-        self.activation = activation
-        self.l_ff = nn.Parameter(torch.ones(width))
-
-    def forward(self, x):
-        return self.l_ff * self.activation(x)
+    def forward(self, hidden):
+        return self.base(self.l_ff * hidden)
 
 
 def add_ia3(model):
     """(IA)^3: learned vectors that rescale keys, values and the FFN's hidden units, all ones at the
-    start (the base model exactly); 2 C + 4 C numbers per layer, the only trainable parameters."""
+    start (the base model exactly); 2 n_kv_head d_k + ffn_width numbers per layer (6 C in GPT-2), the
+    only trainable parameters."""
     model.requires_grad_(False)
     for block in _blocks(model):
-        block.attn.c_attn = IA3QKV(block.attn.c_attn)
-        block.mlp.gelu = IA3Activation(block.mlp.gelu, block.mlp.c_fc.out_features)
+        block.attn.c_attn = IA3QKV(block.attn.c_attn, block.attn.qkv_sizes)
+        block.mlp.c_proj = IA3ScaledInput(block.mlp.c_proj)
     return model.to(next(model.parameters()).device)
 
 
@@ -431,16 +489,20 @@ class PrefixTuning(nn.Module):
 
         head_i = Attention(Q, [P_K^l; K], [P_V^l; V])        l = 1 .. L, the GPT itself frozen
 
-    Training the prefix directly is unstable (Li & Liang), so it is reparameterised by a small MLP:
-    [P_K^1; P_V^1; ...; P_V^L] at position j = W_2 tanh(W_1 P'_j + b_1) + b_2, P' of shape (P, C). Only
-    the MLP's output matters afterwards: `fold()` stores it as one (P, 2 L C) tensor and drops the MLP.
-    hidden=0 trains that tensor directly.
+    Each P_K^l, P_V^l is (P, D) with D = n_kv_head d_k, the width of one layer's keys: n_embd in GPT-2,
+    less under grouped-query attention (a prefix key serves its group of query heads, as a cached key
+    does). Training the prefix directly is unstable (Li & Liang), so it is reparameterised by a small MLP:
+    [P_K^1; P_V^1; ...; P_V^L] at position j = W_2 tanh(W_1 P'_j + b_1) + b_2, P' of shape (P, D) (peft's
+    token_dim). Only the MLP's output matters afterwards: `fold()` stores it as one (P, 2 L D) tensor and
+    drops the MLP. hidden=0 trains that tensor directly.
 
     The prefix goes into 05's GPT as a pre-filled KVCache: every layer sees it exactly as it sees the
     cached keys and values of earlier tokens. So the text's tokens sit at positions P .. P+T-1, as if the
     prefix were P real tokens before them (the view the prefix's "activations of real words"
-    initialisation takes, `init_ids`), and P + T must fit in block_size. A padding attention_mask (B, T)
-    is extended to (B, P + T) with ones: the prefix is visible to every real token.
+    initialisation takes, `init_ids`), and P + T must fit in block_size. With RoPE, the text's q and k are
+    rotated by those positions and the prefix keys are used as they are, as cached keys (already
+    rotated) are: what peft does too, where the prefix is the past_key_values of a Llama. A padding
+    attention_mask (B, T) is extended to (B, P + T) with ones: the prefix is visible to every real token.
     """
 
     def __init__(self, gpt, num_tokens=16, hidden=256, init_ids=None):
@@ -449,15 +511,16 @@ class PrefixTuning(nn.Module):
         self.gpt = gpt.requires_grad_(False)
         self.num_tokens = num_tokens
         self.hidden = hidden
-        width = 2 * cfg.n_layer * cfg.n_embd                   # keys and values of every layer, one position
+        self.kv_width = cfg.kv_heads * cfg.d_head             # D: one layer's keys at one position
+        width = 2 * cfg.n_layer * self.kv_width               # keys and values of every layer, one position
         if init_ids is not None:
             if len(init_ids) != num_tokens or hidden:
                 raise ValueError("init_ids needs len(init_ids) == num_tokens and hidden=0")
-            self.prefix = nn.Parameter(self.token_activations(init_ids))      # (P, 2 L C)
+            self.prefix = nn.Parameter(self.token_activations(init_ids))      # (P, 2 L D)
         elif hidden:
             self.register_parameter("prefix", None)
-            self.prefix_input = nn.Parameter(torch.randn(num_tokens, cfg.n_embd))   # P', N(0, 1) as nn.Embedding
-            self.prefix_mlp = nn.Sequential(nn.Linear(cfg.n_embd, hidden), nn.Tanh(), nn.Linear(hidden, width))
+            self.prefix_input = nn.Parameter(torch.randn(num_tokens, self.kv_width))  # P', N(0, 1) as nn.Embedding
+            self.prefix_mlp = nn.Sequential(nn.Linear(self.kv_width, hidden), nn.Tanh(), nn.Linear(hidden, width))
         else:
             self.prefix = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
         self.to(next(gpt.parameters()).device)
@@ -472,17 +535,18 @@ class PrefixTuning(nn.Module):
 
     @torch.no_grad()
     def token_activations(self, ids):
-        """The keys and values the base model computes for tokens `ids`, as a (P, 2 L C) prefix."""
+        """The keys and values the base model computes for tokens `ids` (keys rotated by their positions
+        0 .. P-1 under RoPE, as the cache holds them), as a (P, 2 L D) prefix."""
         was_training = self.gpt.training
         self.gpt.eval()
         cache = KVCache(self.gpt.config.n_layer)
         self.gpt.forward_hidden(torch.tensor([ids], device=next(self.gpt.parameters()).device), cache=cache)
         self.gpt.train(was_training)
-        kv = torch.stack([torch.stack(pair) for pair in cache.layers])       # (L, 2, 1, nh, P, hs)
-        return kv[:, :, 0].permute(3, 0, 1, 2, 4).reshape(len(ids), -1)     # (P, L*2*nh*hs)
+        kv = torch.stack([torch.stack(pair) for pair in cache.layers])       # (L, 2, 1, nkv, P, hs)
+        return kv[:, :, 0].permute(3, 0, 1, 2, 4).reshape(len(ids), -1)     # (P, L*2*nkv*hs)
 
     def prefix_values(self):
-        """The prefix as one (P, 2 L C) tensor: the MLP's output, or the stored (folded) tensor."""
+        """The prefix as one (P, 2 L D) tensor: the MLP's output, or the stored (folded) tensor."""
         return self.prefix if self.prefix is not None else self.prefix_mlp(self.prefix_input)
 
     @torch.no_grad()
@@ -496,11 +560,11 @@ class PrefixTuning(nn.Module):
         return self
 
     def past_key_values(self, batch_size):
-        """[(P_K^l, P_V^l) for each layer], each (B, nh, P, hs), for a pre-filled KVCache."""
+        """[(P_K^l, P_V^l) for each layer], each (B, nkv, P, hs), for a pre-filled KVCache."""
         cfg = self.gpt.config
-        P, nh, hs = self.num_tokens, cfg.n_head, cfg.n_embd // cfg.n_head
-        kv = self.prefix_values().view(P, cfg.n_layer, 2, nh, hs).permute(1, 2, 3, 0, 4)  # (L, 2, nh, P, hs)
-        return [(k.expand(batch_size, nh, P, hs), v.expand(batch_size, nh, P, hs)) for k, v in kv]
+        P, nkv, hs = self.num_tokens, cfg.kv_heads, cfg.d_head
+        kv = self.prefix_values().view(P, cfg.n_layer, 2, nkv, hs).permute(1, 2, 3, 0, 4)  # (L, 2, nkv, P, hs)
+        return [(k.expand(batch_size, nkv, P, hs), v.expand(batch_size, nkv, P, hs)) for k, v in kv]
 
     def forward_hidden(self, idx, attention_mask=None):
         """LN(h_L) of the T real tokens, (B, T, C); idx (B, T), attention_mask optional (B, T)."""
@@ -529,12 +593,14 @@ def _lm_outputs(gpt, hidden, targets):
 class PromptTuning(nn.Module):
     """n learned "soft token" embeddings before the input's token embeddings, the GPT frozen:
 
-        h_0 = [E_soft; W_e[x]] + W_p[0 .. n + T - 1]
+        h_0 = [E_soft; W_e[x]] + W_p[0 .. n + T - 1]        (RoPE: h_0 = [E_soft; W_e[x]], and q, k of
+                                                             position i rotated by i in every layer)
 
     init="vocab": E_soft starts as the embeddings of n random vocabulary tokens (or of `init_ids`: then
     the model starts exactly as the base model reading those tokens first); "random": N(0, std(W_e)).
-    The soft tokens take positions 0 .. n-1, so n + T must fit in block_size. The outputs at the soft
-    positions are dropped: forward_hidden returns the T real tokens' hidden states.
+    The soft tokens take positions 0 .. n-1 and the text n .. n+T-1 (as peft's inputs_embeds do), so
+    n + T must fit in block_size. The outputs at the soft positions are dropped: forward_hidden returns
+    the T real tokens' hidden states.
     """
 
     def __init__(self, gpt, num_tokens=16, init="vocab", init_ids=None, seed=0):
@@ -579,10 +645,15 @@ class PromptTuning(nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(B, n), attention_mask], dim=1)   # (B, n + T)
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)              # (B, n + T)
             mask = gpt.causal_padding_mask(n + T, 0, attention_mask, idx.device)
-        embeddings = torch.cat([self.soft_prompt.expand(B, n, -1), gpt.transformer.wte(idx)], dim=1)  # (B, n + T, C)
-        x = gpt.transformer.drop(embeddings + gpt.transformer.wpe(positions))
+        x = torch.cat([self.soft_prompt.expand(B, n, -1), gpt.transformer.wte(idx)], dim=1)  # (B, n + T, C)
+        rope = None
+        if gpt.rotary is None:
+            x = x + gpt.transformer.wpe(positions)                                        # W_p
+        else:
+            rope = gpt.rotary(positions, x.dtype)          # cos, sin of every position, soft ones included
+        x = gpt.transformer.drop(x)
         for block in gpt.transformer.h:
-            x = block(x, mask)
+            x = block(x, mask, None, rope)
         return gpt.transformer.ln_f(x)[:, n:]                                             # (B, T, C)
 
     def forward(self, idx, targets=None, attention_mask=None):

@@ -1,16 +1,19 @@
 """Chapter 07: parameter-efficient finetuning, every major method on one base GPT, in one table.
 
-    python 07_peft/train.py                                   # base + 2 tasks x 11 methods: ~4 CPU-minutes
-    python 07_peft/train.py --base out/05_gpt/ckpt.pt         # start from chapter 05's model
+    python 07_peft/train.py                                   # base + 2 tasks x 11 methods (05's base, if finished)
+    python 07_peft/train.py --base ''                         # pretrain the base here: ~4 CPU-minutes in all
     python 07_peft/train.py --stage finetune --methods lora8,prefix --tasks python-qa
+    python 07_peft/train.py --init_from path/to/SmolLM2-135M --device cuda --preset gpu --methods lora8
     python 07_peft/train.py --device cuda --preset gpu
 
 The recipe, top to bottom:
  1. config and flags          every field of `Config` is a flag; --preset tiny | default | gpu
  2. runtime                   device, bf16 autocast on CUDA, --compile
- 3. base model                --base (a chapter-05 style checkpoint), --init_from (a Hugging Face GPT-2
-                              folder), or a short pretraining run on the corpus here (the starting point,
-                              not the lesson): tokenizer, L_LM, AdamW + cosine, checkpoints, --resume
+ 3. base model                --base auto (the default): chapter 05's finished run in out/05_gpt, else a
+                              short pretraining run on the corpus here (the starting point, not the
+                              lesson: tokenizer, L_LM, AdamW + cosine, checkpoints, --resume); or --base /
+                              --init_from a chapter-05 style checkpoint or a Hugging Face folder (GPT-2,
+                              Llama, Qwen: its tokenizer.json, or GPT-2's vocab.json + merges.txt)
  4. tasks                     python-qa (instruction template, loss on response tokens only) and
                               docstring-module (a classifier head on the mean hidden state)
  5. methods                   full finetuning, LoRA r = 4 / 8 / 16, DoRA, prefix tuning, prompt tuning,
@@ -60,11 +63,11 @@ GPT2_VOCAB_SIZE = 50257
 @dataclass
 class Config:
     # what to run
-    stage: str = "all"               # all | pretrain (the base only) | finetune (every method, on out_dir's base)
+    stage: str = "all"               # all | pretrain (the base only) | finetune (every method, on a finished base)
     out_dir: str = "out/07_peft"     # ckpt.pt, tokenizer.json, adapters/, results.json, report.json
     resume: bool = False             # continue a stopped run exactly (ckpt.pt, results.json, finetune.pt)
-    base: str = ""                   # a GPT checkpoint or run folder to start from (out/05_gpt/ckpt.pt)
-    init_from: str = ""              # or a Hugging Face GPT-2 folder (config.json, weights, vocab.json + merges.txt)
+    base: str = "auto"               # auto (out/05_gpt's finished run, else pretrain) | '' (pretrain) | checkpoint | folder
+    init_from: str = ""              # a Hugging Face folder (GPT-2, Llama, Qwen): the same as --base FOLDER (05's flag)
     # data
     data: str = "pydocs"             # pretraining corpus: pydocs | shakespeare | wikitext-2 | file.txt | folder
     vocab_size: int = 1024           # BPE vocabulary size of a base pretrained here
@@ -106,7 +109,7 @@ class Config:
     # each method's shape
     lora_alpha: float = 16.0         # LoRA scale alpha / r, alpha fixed across ranks (as the paper)
     lora_dropout: float = 0.0        # dropout on the LoRA path (costs a copy of each input: memory)
-    lora_targets: str = "all"        # q,k,v,attn.c_proj,mlp.c_fc,mlp.c_proj or the groups attn, mlp, all
+    lora_targets: str = "all"        # q,k,v,o,gate,up,down (Llama's names; GPT-2 has no gate) | attn | mlp | all
     prefix_tokens: int = 16          # prefix length P
     prefix_hidden: int = 256         # width of the reparameterisation MLP (0 = train P directly)
     prompt_tokens: int = 16          # soft tokens
@@ -121,12 +124,13 @@ class Config:
 
 
 PRESETS = {
-    "tiny": dict(vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=48, batch_size=4, max_iters=16,
+    # tiny and gpu pretrain their own base (of their own shape), whatever out/05_gpt holds
+    "tiny": dict(base="", vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=48, batch_size=4, max_iters=16,
                  warmup_iters=2, eval_interval=8, eval_iters=2, log_interval=4, ft_iters=6, ft_batch_size=4,
                  ft_max_len=32, ft_eval_interval=3, max_ft_examples=48, max_eval_examples=16,
                  prefix_tokens=4, prefix_hidden=16, prompt_tokens=4, adapter_size=4),
-    "default": {},   # the config as written: the whole table in about 4 CPU-minutes (one thread)
-    "gpu": dict(vocab_size=8192, n_layer=8, n_head=8, n_embd=512, block_size=256, batch_size=32, max_iters=3000,
+    "default": {},   # the config as written: the whole table in about 4 CPU-minutes (one thread, base pretrained here)
+    "gpu": dict(base="", vocab_size=8192, n_layer=8, n_head=8, n_embd=512, block_size=256, batch_size=32, max_iters=3000,
                 lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=500, eval_iters=40, log_interval=100,
                 ft_iters=600, ft_batch_size=32, ft_max_len=224, ft_eval_interval=100, patience=3,
                 ft_lr=1e-4, ft_lr_lora=1e-3, ft_lr_prefix=1e-3, ft_lr_prompt=3e-2, ft_lr_adapter=1e-3,
@@ -143,6 +147,10 @@ FINETUNING_FIELDS = ("num_labels", "pooling", "ft_iters", "ft_batch_size", "ft_m
                      "ft_lr_prompt", "ft_lr_adapter", "ft_lr_ia3", "ft_lr_head", "lora_alpha", "lora_dropout",
                      "lora_targets", "prefix_tokens", "prefix_hidden", "prompt_tokens", "prompt_init",
                      "adapter_size", "grad_clip", "seed", "dtype")
+
+
+# Where chapter 05's train.py leaves its finished model by default: --base auto starts from it.
+CHAPTER_05_CKPT = Path("out/05_gpt/ckpt.pt")
 
 
 def parse_methods(text):
@@ -177,7 +185,8 @@ def check_context(cfg, block_size):
 
 
 def check_config(cfg):
-    """Every bad value is one clear line (UserError) here, before anything slow runs."""
+    """Every bad value is one clear line (UserError) here, before anything slow runs (`cfg.base` is no
+    longer "auto": `resolve_base` made it a path or "")."""
     if cfg.stage not in STAGES:
         raise UserError(f"unknown stage {cfg.stage!r} (valid: {', '.join(STAGES)})")
     if cfg.base and cfg.init_from:
@@ -218,11 +227,14 @@ def check_config(cfg):
         raise UserError(f"unknown --pooling {cfg.pooling!r} (valid: mean, last)")
     if cfg.prompt_init not in ("vocab", "random"):
         raise UserError(f"unknown --prompt_init {cfg.prompt_init!r} (valid: vocab, random)")
+    methods = {method for _, method, _ in parse_methods(cfg.methods)}
     try:
-        peft.lora_targets(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=8)), cfg.lora_targets)
+        peft.parse_lora_targets(cfg.lora_targets)
+        if methods & {"lora", "dora"} and not (cfg.base or cfg.init_from) and cfg.stage != "pretrain":
+            # a base pretrained here is a GPT-2, whose GELU MLP has no gate; a loaded one is checked once loaded
+            peft.lora_targets(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=8)), cfg.lora_targets)
     except ValueError as error:
         raise UserError(f"--lora_targets: {error}") from None
-    parse_methods(cfg.methods)
     if pretrains_here(cfg):
         check_context(cfg, cfg.block_size)          # a base from a file is checked once it is loaded
         if cfg.data not in ("pydocs", *data.CORPUS_URLS):
@@ -359,64 +371,143 @@ def load_base_checkpoint(ckpt_path, ckpt, rt):
     if "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{ckpt_path} is not a GPT checkpoint (no 'model' / 'model_config')")
     tokenizer = load_run_tokenizer(ckpt_path, ckpt)
-    if EOT not in tokenizer.special_tokens:
-        raise UserError(f"the tokenizer of {ckpt_path} has no {EOT} token, which the finetuning tasks end with")
+    if tokenizer.eot_id is None:
+        raise UserError(f"the tokenizer of {ckpt_path} has no end-of-text token ({EOT} or <|end_of_text|>), "
+                        f"which the finetuning tasks end with")
     try:
         base = GPT(GPTConfig(**{**ckpt["model_config"], "dropout": 0.0}))
     except (TypeError, ValueError) as error:
         raise UserError(f"{ckpt_path}: bad model_config ({error})") from None
     load_model_state(base, ckpt["model"], ckpt_path)
-    rt.log(f"base model: {ckpt_path} ({base.num_parameters() / 1e6:.2f}M parameters)")
+    rt.log(f"loaded {ckpt_path}: {base.num_parameters() / 1e6:.2f}M parameters, {tokenizer.vocab_size}-token vocabulary")
     return base.to(rt.device), tokenizer
 
 
-def load_hf_base(folder, rt):
-    """A Hugging Face GPT-2 folder: first its tokenizer (vocab.json + merges.txt there, or GPT-2's own from
-    tiktoken when the vocabulary is GPT-2's), then its weights."""
+def hf_tokenizer(folder, hf, flag):
+    """The vocabulary of a Hugging Face folder: its tokenizer.json (GPT-2, Llama 3, Qwen, SmolLM), or GPT-2's
+    older vocab.json + merges.txt, or, for a GPT-2 folder with neither, GPT-2's own from tiktoken."""
     try:
-        vocab_size = read_config(folder).get("vocab_size")
-    except ValueError as error:
-        raise UserError(f"--init_from {folder}: {error}") from None
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        if (folder / "tokenizer.json").is_file():
+            return BPETokenizer.from_hf(folder)
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return BPETokenizer.from_hf(folder / "vocab.json", folder / "merges.txt")
+    except (OSError, ValueError) as error:
+        raise UserError(f"{flag} {folder}: {error}") from None
+    vocab_size = hf.get("vocab_size")
+    if hf.get("model_type", "gpt2") == "gpt2" and vocab_size == GPT2_VOCAB_SIZE:
         try:
-            tokenizer = BPETokenizer.from_hf(folder / "vocab.json", folder / "merges.txt")
-        except (OSError, ValueError) as error:
-            raise UserError(f"--init_from {folder}: {error}") from None
-    elif vocab_size == GPT2_VOCAB_SIZE:
-        try:
-            tokenizer = BPETokenizer.from_tiktoken("gpt2")       # downloaded once by tiktoken
+            return BPETokenizer.from_tiktoken("gpt2")       # downloaded once by tiktoken
         except (RuntimeError, ValueError):
-            raise UserError(f"--init_from {folder} has no vocab.json and merges.txt, and GPT-2's vocabulary "
-                            f"could not be fetched (offline?): copy the two files into {folder}") from None
-    else:
-        raise UserError(f"--init_from {folder} has no vocab.json and merges.txt, and its {vocab_size}-token "
-                        f"vocabulary is not GPT-2's: put its tokenizer files beside config.json")
-    if EOT not in tokenizer.special_tokens or tokenizer.vocab_size > (vocab_size or 0):
-        raise UserError(f"--init_from {folder}: its tokenizer ({tokenizer.vocab_size} tokens) does not fit the "
-                        f"model ({vocab_size} tokens) or has no {EOT}")
+            raise UserError(f"{flag} {folder} has no tokenizer.json (nor vocab.json + merges.txt), and GPT-2's "
+                            f"vocabulary could not be fetched (offline?): copy its tokenizer files into {folder}") from None
+    raise UserError(f"{flag} {folder} has no tokenizer.json (nor vocab.json + merges.txt), and its {vocab_size}-token "
+                    f"vocabulary is not GPT-2's: put its tokenizer files beside config.json")
+
+
+def load_hf_base(folder, flag, rt):
+    """A Hugging Face folder of GPT-2, Llama (SmolLM2, TinyLlama, Llama 3) or Qwen2/3, whatever chapter 05's
+    from_pretrained reads: first its config and tokenizer (cheap, and where most mistakes show), then
+    its weights, in float32."""
+    try:
+        hf = read_config(folder)
+    except ValueError as error:
+        raise UserError(f"{flag} {folder}: {error}") from None
+    tokenizer = hf_tokenizer(folder, hf, flag)
+    if tokenizer.eot_id is None:
+        raise UserError(f"{flag} {folder}: its tokenizer has no end-of-text token ({EOT} or <|end_of_text|>), "
+                        f"which the finetuning examples end with")
+    if tokenizer.vocab_size > (hf.get("vocab_size") or 0):
+        raise UserError(f"{flag} {folder}: its tokenizer has {tokenizer.vocab_size} tokens, the model's embedding "
+                        f"{hf.get('vocab_size')}")
     try:
         base = GPT.from_pretrained(folder)
     except (OSError, ValueError, ImportError) as error:
-        raise UserError(f"--init_from {folder}: {error}") from None
-    rt.log(f"base model: {folder} (Hugging Face GPT-2, {base.num_parameters() / 1e6:.2f}M parameters)")
+        raise UserError(f"{flag} {folder}: {error}") from None
+    rt.log(f"loaded {folder}: Hugging Face {hf.get('model_type', 'gpt2')}, {base.num_parameters() / 1e6:.2f}M "
+           f"parameters, {tokenizer.vocab_size}-token vocabulary, end of text {tokenizer.id_to_token(tokenizer.eot_id)!r} "
+           f"(id {tokenizer.eot_id})")
     return base.to(rt.device), tokenizer
 
 
-def get_base(cfg, rt, out_dir):
-    """(base GPT, tokenizer, {"source", "pretrain"}): --init_from a Hugging Face folder, --base a checkpoint,
-    --stage finetune the finished run in out_dir, --resume a stopped (or finished) one, else pretraining here.
-    Each claims out_dir (claim_out_dir) before writing into it."""
-    if cfg.init_from:
-        base, tokenizer = load_hf_base(Path(cfg.init_from), rt)
-        claim_out_dir(out_dir, {"base": str(Path(cfg.init_from).resolve())}, ["base"])
-        return base, tokenizer, {"source": cfg.init_from}
-    if cfg.base:
-        ckpt_path = Path(cfg.base) / "ckpt.pt" if Path(cfg.base).is_dir() else Path(cfg.base)
+def load_base(path, flag, rt):
+    """--base PATH and --init_from PATH, one function for both: a Hugging Face folder (it has config.json),
+    a run folder (its ckpt.pt, chapter 05's or this chapter's) or a checkpoint file of that format.
+    Returns (base GPT, tokenizer, the pretraining report or None, the file or folder it came from)."""
+    if path.is_dir() and not (path / "config.json").exists() and (path / "ckpt.pt").exists():
+        path = path / "ckpt.pt"
+    if path.is_dir():
+        base, tokenizer = load_hf_base(path, flag, rt)
+        return base, tokenizer, None, path
+    ckpt = load_checkpoint(path)
+    base, tokenizer = load_base_checkpoint(path, ckpt, rt)
+    return base, tokenizer, ckpt.get("report"), path
+
+
+def finished_run_problem(ckpt_path):
+    """None when `ckpt_path` holds a finished pretraining run (its iter reached its config's max_iters)
+    with its own tokenizer beside it: a base --base auto may start from. Otherwise why not, in a few words."""
+    if not ckpt_path.is_file():
+        return f"no {ckpt_path}"
+    try:
         ckpt = load_checkpoint(ckpt_path)
-        base, tokenizer = load_base_checkpoint(ckpt_path, ckpt, rt)
-        if ckpt_path.resolve() != (out_dir / "ckpt.pt").resolve():     # not the folder's own base
-            claim_out_dir(out_dir, {"base": str(ckpt_path.resolve())}, ["base"])
-        return base, tokenizer, {"source": str(ckpt_path), "pretrain": ckpt.get("report")}
+        planned = ckpt.get("config", {}).get("max_iters")
+        if "model" not in ckpt or not isinstance(planned, int):
+            return f"{ckpt_path} is not a chapter-05 checkpoint"
+        if ckpt.get("iter", 0) < planned:
+            return f"{ckpt_path} is a stopped run (iter {ckpt.get('iter')} of {planned})"
+        if load_run_tokenizer(ckpt_path, ckpt).eot_id is None:
+            return f"the tokenizer of {ckpt_path} has no end-of-text token"
+    except UserError as error:
+        return str(error)
+    return None
+
+
+def resolve_base(cfg):
+    """--base auto made concrete: (the config with `base` a path or "", the line that says so, or None).
+
+    auto means chapter 05's model, out/05_gpt/ckpt.pt, when that holds a finished run, and a base pretrained
+    here otherwise; but where this out_dir's own pretrained base is being continued (--stage finetune,
+    --resume, with out_dir/ckpt.pt there) it is that one, and where none is wanted (--init_from, --stage
+    pretrain) it is "". A run on 05's base claims out_dir for that base (run.json), so its rows are never
+    mixed with those of a base pretrained here.
+    """
+    if cfg.base != "auto":
+        return cfg, None
+    if cfg.init_from or cfg.stage == "pretrain":
+        return dataclasses.replace(cfg, base=""), None
+    own = Path(cfg.out_dir) / "ckpt.pt"
+    if (cfg.stage == "finetune" or cfg.resume) and own.exists():
+        return dataclasses.replace(cfg, base=""), (f"base model: {own}, pretrained here (--base auto continues "
+                                                   f"out_dir's own base under --stage finetune and --resume)")
+    problem = finished_run_problem(CHAPTER_05_CKPT)
+    if problem is None:
+        return dataclasses.replace(cfg, base=str(CHAPTER_05_CKPT)), (
+            f"base model: {CHAPTER_05_CKPT} (chapter 05's pretrained GPT, by --base auto; --base '' pretrains "
+            f"one here instead)")
+    if cfg.stage == "finetune":
+        return dataclasses.replace(cfg, base=""), None     # nothing to finetune: get_base says so, in one line
+    return dataclasses.replace(cfg, base=""), (f"base model: pretrained here (--base auto: {problem}; a finished "
+                                               f"run of 05_gpt/train.py there would be used instead)")
+
+
+def get_base(cfg, rt, out_dir, by_auto=False):
+    """(base GPT, tokenizer, {"source", "pretrain"}): --base or --init_from a checkpoint or a Hugging Face
+    folder, --stage finetune the finished run in out_dir, --resume a stopped (or finished) one, else
+    pretraining here. Each claims out_dir (claim_out_dir) before writing into it. `by_auto`: --base auto
+    chose cfg.base (a refusal of out_dir then says how to choose otherwise)."""
+    if cfg.init_from or cfg.base:
+        given = cfg.init_from or cfg.base
+        base, tokenizer, pretrain_report, source = load_base(Path(given), "--init_from" if cfg.init_from else "--base", rt)
+        if source.resolve() != (out_dir / "ckpt.pt").resolve():     # not the folder's own base
+            try:
+                claim_out_dir(out_dir, {"base": str(source.resolve())}, ["base"])
+            except UserError as error:
+                if not by_auto:
+                    raise
+                raise UserError(f"{error} (--base auto chose chapter 05's model: --base '' pretrains one here "
+                                f"instead)") from None
+        info = {"source": given if source.is_dir() else str(source)}
+        return base, tokenizer, {**info, "pretrain": pretrain_report} if pretrain_report else info
     ckpt_path = out_dir / "ckpt.pt"
     claimed = {**dataclasses.asdict(cfg), "base": "pretrained here"}
     if cfg.stage == "finetune" or (cfg.resume and ckpt_path.exists()):
@@ -472,7 +563,7 @@ def instruction_example(tokenizer, example, block_size):  # same as 05_gpt/train
     Loss masking: L = -sum over response positions t of log p(x_t | x_<t); the prompt is context only.
     """
     prompt = tokenizer.encode(format_prompt(example))
-    response = tokenizer.encode(example["response"]) + [tokenizer.special_tokens[EOT]]
+    response = tokenizer.encode(example["response"]) + [tokenizer.eot_id]
     prompt = prompt[-(block_size // 2):]                 # a very long prompt keeps its end
     sequence = (prompt + response)[:block_size + 1]
     labels = ([-100] * len(prompt) + response)[:block_size + 1]
@@ -652,7 +743,10 @@ def finetune(kind, model, lr, items, cfg, rt, pad_id, name, num_labels, partial_
     if cfg.resume and partial_path.exists():
         saved = load_checkpoint(partial_path)
         if saved.get("identity") == identity:
-            peft.load_trainable_state_dict(model, saved["trainable"])
+            try:
+                peft.load_trainable_state_dict(model, saved["trainable"])
+            except ValueError as error:                   # e.g. written before a method's parameters were renamed
+                raise UserError(f"{partial_path}: {error}; delete it to start this method afresh") from None
             optimizer.load_state_dict(saved["optimizer"])
             if saved.get("scaler"):
                 rt.scaler.load_state_dict(saved["scaler"])
@@ -733,7 +827,7 @@ def save_adapter(path, model, backbone, method, options):
 @torch.no_grad()
 def answers(gpt, tokenizer, examples, rt, max_new_tokens=40):
     """Greedy answers to instructions (chapter 05's generate with the KV cache)."""
-    eot = tokenizer.special_tokens[EOT]
+    eot = tokenizer.eot_id
     rows = []
     for example in examples:
         prompt = tokenizer.encode(format_prompt(example))[-(gpt.config.block_size // 2):]
@@ -749,7 +843,7 @@ def answers(gpt, tokenizer, examples, rt, max_new_tokens=40):
 def merged_lora_answers(model, tokenizer, examples, items, rt):
     """Merge the LoRA update into the weights (W0 <- W0 + (alpha/r) B A), check that the merged model
     gives the unmerged outputs, answer a few test questions with it, and unmerge."""
-    batch = collate("instruction", items["test"][:4], tokenizer.special_tokens.get(EOT, 0), rt.device)
+    batch = collate("instruction", items["test"][:4], tokenizer.eot_id, rt.device)
     model.eval()
     with torch.no_grad():
         unmerged = model(batch["input_ids"])[0]
@@ -849,6 +943,7 @@ def finish(report, rt, out_dir):
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.splitlines()[0])
+    cfg, base_note = resolve_base(cfg)
     check_config(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -857,12 +952,19 @@ def main(argv=None):
         raise UserError("07_peft runs in one process (each method is small); start it without torchrun")
     out_dir = Path(cfg.out_dir)
     run_start = time.perf_counter()
+    if base_note:
+        rt.log(base_note)                             # what --base auto chose, before anything else
     rt.log(f"07_peft | device {rt.device} ({str(rt.dtype).replace('torch.', '')}) | out_dir {out_dir} | "
            f"{torch.get_num_threads()} threads")
     report = {"chapter": "07_peft", "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", "")}
 
     # 3. base model -------------------------------------------------------------------------------
-    base, tokenizer, base_info = get_base(cfg, rt, out_dir)
+    base, tokenizer, base_info = get_base(cfg, rt, out_dir, by_auto=bool(base_note and cfg.base))
+    if cfg.stage != "pretrain" and any(method in ("lora", "dora") for _, method, _ in parse_methods(cfg.methods)):
+        try:
+            peft.lora_targets(base, cfg.lora_targets)  # "gate" needs a SwiGLU MLP
+        except ValueError as error:
+            raise UserError(f"--lora_targets: {error}") from None
     base_state = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}  # every method starts here
     base_config = dataclasses.replace(base.config, dropout=0.0)
     base_params = peft.trainable_parameters(base)["total"]
@@ -882,7 +984,7 @@ def main(argv=None):
         results = read_results(results_path, signature) if cfg.resume else {}
         if results:
             rt.log(f"resumed: {sum(len(r['methods']) for r in results.values())} finished runs from {results_path}")
-        pad_id = tokenizer.special_tokens[EOT]
+        pad_id = tokenizer.eot_id                      # padding is masked out: any id would do
         methods = parse_methods(cfg.methods)
         tasks = load_tasks(cfg, tokenizer)
         report["finetune"] = {}
