@@ -23,10 +23,13 @@ seconds), downloads ("shakespeare", "wikitext-2") and encoded token streams (`To
 
 import bisect
 import csv
+import gzip
 import hashlib
 import inspect
 import io
+import itertools
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -35,16 +38,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import _encode_worker
 from common.checkpoint import atomic_write_bytes, cache_dir
 from common.config import UserError
+from common.download import download
+from common.report import format_seconds
 from common.tokenizer import documents_sha256
 
 CACHE_FORMAT = 1          # bump when the layout of a cached file changes
@@ -59,6 +63,12 @@ CORPUS_URLS = {
         "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/train.txt",
         "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/valid.txt",
         "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/test.txt",
+    ],
+    # TinyStories (Eldan & Li 2023), the GPT-4-written stories: 2.2 GB of short English stories for a small
+    # GPT, each ended by a literal <|endoftext|> line (read as the end-of-text token)
+    "tinystories": [
+        "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt",
+        "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt",
     ],
 }
 
@@ -399,53 +409,281 @@ def pydocs_parts():
 
 
 # ------------------------------------------------------------------------------------------ corpora
-def _download(name):
-    """The local paths of a named corpus's files, downloaded once into the cache folder."""
+CORPUS_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")   # what a corpus file or folder may hold
+PIECE_CHARS = 1 << 22     # a corpus is read and encoded in pieces of ~4M characters: memory never holds more
+ENCODE_IN_PROCESSES_BYTES = 32 << 20   # a larger corpus is encoded by a pool of processes (smaller: not worth it)
+PROGRESS_SECONDS = 5.0    # how often long data work prints a progress line
+C4_SHARD_URL = "https://huggingface.co/datasets/allenai/c4/resolve/main/en/c4-train.{index:05d}-of-01024.json.gz"
+C4_SHARDS = 1024          # c4:N = the first N of its 1024 English train shards (~356k documents, ~305 MB each)
+OFFLINE_HINT = ("offline? download it another way and pass the local file or folder with --data PATH "
+                "(.txt, .txt.gz, .jsonl or .jsonl.gz files)")
+
+
+def corpus_urls(name):
+    """The files of a named corpus, or None: CORPUS_URLS, and "c4:N" (N shards; "c4" is c4:1)."""
+    if name in CORPUS_URLS:
+        return CORPUS_URLS[name]
+    if name == "c4" or re.fullmatch(r"c4:\d+", name):
+        count = int(name.partition(":")[2] or 1)
+        if not 1 <= count <= C4_SHARDS:
+            raise UserError(f"--data {name}: C4 has {C4_SHARDS} English train shards; take c4:1 to c4:{C4_SHARDS}")
+        return [C4_SHARD_URL.format(index=index) for index in range(count)]
+    return None
+
+
+def _download(name, log=print):
+    """The local paths of a named corpus's files, downloaded once into the cache folder (resumable)."""
     paths = []
-    for url in CORPUS_URLS[name]:
+    for url in corpus_urls(name):
         # The URL's hash in the file name: pointing CORPUS_URLS elsewhere never reuses a stale file.
         digest = hashlib.sha1(url.encode("utf-8")).hexdigest()[:8]
-        path = cache_dir() / "corpora" / f"{name}-{digest}-{url.rstrip('/').rsplit('/', 1)[-1]}"
-        if not path.exists():
-            print(f"data: downloading {name} from {url}")
-            try:
-                with urllib.request.urlopen(url, timeout=60) as response:
-                    content = response.read()
-            except (OSError, ValueError) as error:           # URLError, HTTPError and timeouts are OSErrors
-                reason = error if isinstance(error, urllib.error.HTTPError) else getattr(error, "reason", error)
-                raise UserError(f"could not download {name} from {url} ({reason}); offline? get the file "
-                                f"another way and pass it with --data path/to/file.txt") from None
-            atomic_write_bytes(path, content)
-        paths.append(path)
+        path = cache_dir() / "corpora" / f"{name.partition(':')[0]}-{digest}-{url.rstrip('/').rsplit('/', 1)[-1]}"
+        paths.append(download(url, path, name=name, log=log, hint=OFFLINE_HINT))
     return paths
 
 
+def _suffix(path):
+    name = path.name.lower()
+    return next((suffix for suffix in sorted(CORPUS_SUFFIXES, key=len, reverse=True) if name.endswith(suffix)), None)
+
+
+def _open_text(path):
+    """A corpus file as text: gzip or not, UTF-8 (a BOM dropped), "\r\n" and "\r" read as "\n"."""
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=None)
+    return open(path, encoding="utf-8-sig", newline=None)
+
+
+def _checked(text, path):
+    if "\x00" in text:
+        raise UserError(f"{path} is a binary file, not text")
+    return text
+
+
+def _piece_end(text):
+    """Where a piece of a long text may end: after the last newline with a non-space character on both
+    sides. Both split patterns (GPT-2's, GPT-4's) make that newline a chunk of its own, "x\n" at the end of a
+    piece too, so the pieces' ids, concatenated, are the whole text's (tested). 0 when there is none."""
+    cut = text.rfind("\n", 1, len(text) - 1)
+    while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+        cut = text.rfind("\n", 1, cut)
+    return cut + 1 if cut > 0 else 0
+
+
+def _text_file_pieces(path, start=0):
+    """(text, starts_document) of a .txt(.gz) file: one document, read in pieces of about PIECE_CHARS
+    characters; from the first line after byte `start` of a plain file, when given (a sample window)."""
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as raw:
+            if start:
+                raw.seek(start)
+                raw.readline()                                 # the rest of the line the seek cut
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None)
+            buffer, first = "", start == 0
+            while True:
+                chunk = _checked(text.read(PIECE_CHARS), path)
+                buffer += chunk
+                if chunk and len(buffer) < PIECE_CHARS:
+                    continue
+                cut = _piece_end(buffer) if chunk else len(buffer)
+                if cut == 0 and len(buffer) < 4 * PIECE_CHARS:
+                    continue                                   # no place to cut yet: read on
+                cut = cut or len(buffer)                       # a text without one: cut anyway, rarely
+                piece, buffer = buffer[:cut], buffer[cut:]
+                if piece:
+                    yield piece, first
+                    first = False
+                if not chunk:
+                    return
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text ({error.reason})") from None
+    except (OSError, EOFError) as error:                       # gzip.BadGzipFile is an OSError
+        raise UserError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+
+
+def _head(pieces, max_chars):
+    """The first pieces of `pieces` (text, starts) that fit in `max_chars` characters (at least one)."""
+    given = 0
+    for text, starts in pieces:
+        if given and given + len(text) > max_chars:
+            return
+        yield text, starts
+        given += len(text)
+
+
+def _jsonl_documents(path, text_field):
+    """The `text_field` of each line of a .jsonl(.gz) file, a document each."""
+    try:
+        with _open_text(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[text_field]
+                except (ValueError, KeyError, TypeError, IndexError):
+                    raise UserError(f"{path}, line {number}: not a JSON object with a {text_field!r} string "
+                                    f"(--text_field names the field)") from None
+                if not isinstance(text, str):
+                    raise UserError(f"{path}, line {number}: {text_field!r} is not a string")
+                yield _checked(text, path)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text ({error.reason})") from None
+    except (OSError, EOFError) as error:
+        raise UserError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+
+
+class Corpus:
+    """A corpus read lazily: a sequence of documents that is never held in memory as a whole.
+
+        corpus = Corpus("my_folder")                  # .txt, .txt.gz, .jsonl, .jsonl.gz files, recursively
+        for text, starts_document in corpus.pieces():  # ~4M-character pieces, in order
+        corpus.sample_texts(100e6)                    # ~100 MB spread over the corpus (tokenizer training)
+        corpus.fingerprint                            # changes when the corpus does (see below)
+
+    spec: "pydocs" (default, offline; small, built in memory), "shakespeare", "wikitext-2", "tinystories",
+    "c4" / "c4:N" (downloaded once into the cache folder), a file, or a folder. A .txt file is one document
+    (read in pieces cut at line starts); a .jsonl line is one document, its `text_field`. What is missing,
+    empty, binary or not UTF-8 is a UserError of one line, the cheap checks (every file's first block) at
+    construction, before anything slow.
+
+    The fingerprint of a corpus of files is a hash of each file's path, size and modification time and of
+    its first and last 64 kB: seconds for gigabytes, where hashing every byte takes minutes. An edit
+    that keeps the size, the mtime and both ends is missed: delete the cached tokens (--rebuild_cache).
+    """
+
+    def __init__(self, spec="pydocs", text_field="text", log=print):
+        self.spec, self.text_field = str(spec), text_field
+        self.memory_documents, self.files = None, []
+        if isinstance(spec, (list, tuple)):                  # documents already in memory (small texts)
+            self.memory_documents = [str(d) for d in spec]
+        elif self.spec == "pydocs":
+            pydocs = _pydocs()
+            self.memory_documents = pydocs["topics"] + pydocs["docstrings"]
+        elif corpus_urls(self.spec) is not None:
+            self.files = _download(self.spec, log=log)
+        else:
+            path = Path(self.spec).expanduser()
+            if path.is_dir():
+                self.files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p))
+                if not self.files:
+                    raise UserError(f"no {', '.join(CORPUS_SUFFIXES)} files in the folder {path}")
+            elif path.is_file():
+                self.files = [path]
+            else:
+                named = ", ".join(["pydocs", *CORPUS_URLS, "c4", "c4:N"])
+                raise UserError(f"no such file, folder or corpus: {self.spec!r} (corpora: {named}; or a "
+                                f"{', '.join(CORPUS_SUFFIXES)} file, or a folder of them)")
+        for file in self.files:
+            self._check_head(file, single=len(self.files) == 1)
+        if self.memory_documents is not None and not any(self.memory_documents):
+            raise UserError("the corpus is empty")
+        self.num_bytes = (sum(len(d.encode("utf-8")) for d in self.memory_documents) if self.memory_documents
+                          is not None else sum(f.stat().st_size for f in self.files))
+
+    def _check_head(self, path, single):
+        """Fail now, in one line, on what would fail later: unreadable, binary, not UTF-8, empty."""
+        try:
+            with open(path, "rb") as f:
+                head = f.read(1 << 16)
+        except OSError as error:
+            raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+        if not head.strip() and single:
+            raise UserError(f"{path} is empty")
+        if path.name.lower().endswith(".gz"):
+            if head and head[:2] != b"\x1f\x8b":
+                raise UserError(f"{path} is not a gzip file")
+            return
+        if b"\x00" in head:
+            raise UserError(f"{path} is a binary file, not text")
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as error:
+            if error.start < len(head) - 4:                    # not just a character cut at the block's end
+                raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {error.start})") from None
+
+    @property
+    def fingerprint(self):
+        """A short digest that changes when the corpus does (see the class docstring for files)."""
+        if self.memory_documents is not None:
+            return documents_sha256(self.memory_documents)[:32]
+        digest = hashlib.sha256(repr((self.text_field, CACHE_FORMAT)).encode())
+        for path in self.files:
+            stat = path.stat()
+            digest.update(repr((path.name, str(path), stat.st_size, stat.st_mtime_ns)).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read(1 << 16))
+                if stat.st_size > 1 << 17:
+                    f.seek(-(1 << 16), os.SEEK_END)
+                    digest.update(f.read())
+        return digest.hexdigest()[:32]
+
+    def _file_pieces(self, path):
+        if _suffix(path).startswith(".jsonl"):
+            for document in _jsonl_documents(path, self.text_field):
+                yield document, True
+        else:
+            yield from _text_file_pieces(path)
+
+    def pieces(self):
+        """(text, starts_document) in corpus order: every document, long ones in several pieces."""
+        if self.memory_documents is not None:
+            for document in self.memory_documents:
+                yield document, True
+            return
+        for path in self.files:
+            yield from self._file_pieces(path)
+
+    def documents(self, max_bytes=None):
+        """The documents as a list of strings, for the chapters whose data is built in memory (04's sentence
+        pairs); at most about `max_bytes` of them, the corpus's head, when given."""
+        documents, size = [], 0
+        for text, starts in self.pieces():
+            if starts or not documents:
+                documents.append(text)
+            else:
+                documents[-1] += text
+            size += len(text)
+            if max_bytes and size >= max_bytes:
+                break
+        return documents
+
+    def sample_texts(self, max_bytes):
+        """About `max_bytes` of the corpus, spread over all of it (not its head), in pieces: for training a
+        tokenizer on a bounded sample. The whole corpus when it is smaller. Each file gives its share of the
+        bytes: small files are taken whole or skipped, evenly (every k-th); a long plain text file gives
+        evenly spaced windows; a long compressed or JSONL file its head (C4's shards are shuffled already)."""
+        if self.memory_documents is not None or self.num_bytes <= max_bytes:
+            for text, _ in self.pieces():
+                yield text
+            return
+        fraction, credit = max_bytes / self.num_bytes, 0.0
+        for path in self.files:
+            size = path.stat().st_size
+            share = size * fraction
+            if size <= PIECE_CHARS:                           # a small file: whole, or not at all
+                credit += share
+                if credit >= size:
+                    credit -= size
+                    yield from (text for text, _ in self._file_pieces(path))
+            elif _suffix(path) == ".txt":
+                windows = max(1, round(share / PIECE_CHARS))
+                for window in range(windows):
+                    start = int((window + 0.5) * size / windows - share / windows / 2)
+                    yield from (text for text, _ in _head(_text_file_pieces(path, max(0, start)), share / windows))
+            else:
+                yield from (text for text, _ in _head(self._file_pieces(path), share))
+
+    def __repr__(self):
+        return f"Corpus({self.spec!r}: {len(self.files) or 'in memory'} files, {self.num_bytes / 1e6:.1f} MB)"
+
+
 def corpus_documents(spec="pydocs"):
-    """The documents of a corpus, in order (see `load_corpus` for the specs)."""
-    if isinstance(spec, str) and spec == "pydocs":
-        pydocs = _pydocs()
-        return pydocs["topics"] + pydocs["docstrings"]
-    if isinstance(spec, str) and spec in CORPUS_URLS:
-        return [_read_text_file(path) for path in _download(spec)]
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise UserError(f"no .txt files in the folder {path}")
-        return [_read_text_file(file) for file in files]
-    if path.exists():
-        return [_read_text_file(path)]
-    raise UserError(f"no such file, folder or corpus: {spec!r} (corpora: pydocs, {', '.join(CORPUS_URLS)}; "
-                    f"or a .txt file, or a folder of .txt files)")
+    """The documents of a small corpus as a list (see `Corpus`; large corpora: iterate Corpus.pieces)."""
+    return Corpus(spec).documents()
 
 
 def load_corpus(spec="pydocs"):
-    """A corpus as one string, its documents separated by "\\n\\n".
-
-    spec: "pydocs" (default, offline), "shakespeare" or "wikitext-2" (downloaded once), a text file,
-    or a folder (its .txt files, recursively, in sorted path order). Missing, empty, binary or
-    non-UTF-8 files, and downloads that fail, raise UserError with one line saying what to do.
-    """
+    """A small corpus as one string, its documents separated by "\\n\\n" (see `Corpus` for the specs)."""
     return "\n\n".join(corpus_documents(spec))
 
 
@@ -473,76 +711,127 @@ def split_ranges(num_tokens, val_fraction=0.1, num_segments=10):
 class TokenCache:
     """A corpus encoded once into two flat files of token ids, train.bin and val.bin, reused by later runs.
 
-    `corpus` is a spec for `corpus_documents` (a string without a newline: "pydocs", a path...), a
-    text (a string with a newline: one document), or a list of documents. Documents are encoded in
-    batches (tiktoken's threads) and joined with the tokenizer's "<|endoftext|>" id when it has one;
-    a literal "<|endoftext|>" inside a document is read as that token too. The files live in
-    folder/<key>/ (default folder: cache_dir()/tokens), where the key hashes the documents,
-    tokenizer.fingerprint and val_fraction: the same corpus and tokenizer reuse them, a change to
-    either builds a new folder.
+    `corpus`: a Corpus, a spec for one ("pydocs", a path...: a string without a newline), a text (a string
+    with a newline: one document), or a list of documents. Its pieces are encoded in order, by `workers`
+    processes for a corpus of more than ENCODE_IN_PROCESSES_BYTES (default: one per core), streamed into
+    one file, documents joined by the tokenizer's end-of-text id when it has one (a literal "<|endoftext|>"
+    in a text is read as that token too), then cut into train.bin and val.bin by `split_ranges`.
+
+    The files live in folder/<key>/ (default folder: cache_dir()/tokens), the key hashing the corpus's
+    fingerprint, tokenizer.fingerprint and val_fraction: the same corpus and tokenizer reuse them, a change
+    to either builds a new folder, and `rebuild` builds it again. A build happens in <key>.building/, which
+    appears as <key>/ complete or not at all; one that was killed continues where it stopped (its progress
+    is saved with the tokens), and under DDP (`runtime`) rank 0 builds while the others wait.
     """
 
-    def __init__(self, corpus, tokenizer, folder=None, val_fraction=0.1):
-        if isinstance(corpus, (list, tuple)):
-            documents = list(corpus)
-        elif isinstance(corpus, str) and "\n" in corpus:
-            documents = [corpus]
-        else:
-            documents = corpus_documents(corpus)
-        if not any(documents):
-            raise UserError("the corpus is empty")
-        self.corpus_sha256 = documents_sha256(documents)
+    def __init__(self, corpus, tokenizer, folder=None, val_fraction=0.1, runtime=None, workers=None, log=print,
+                 rebuild=False):
+        if isinstance(corpus, str) and "\n" in corpus:
+            corpus = Corpus([corpus])
+        elif not isinstance(corpus, Corpus):
+            corpus = Corpus(corpus)
+        self.corpus_fingerprint = corpus.fingerprint
         self.fingerprint = tokenizer.fingerprint
-        key = hashlib.sha256(repr((CACHE_FORMAT, self.corpus_sha256, self.fingerprint, val_fraction)).encode()).hexdigest()
-        self.dir = Path(folder or cache_dir() / "tokens") / key[:20]
+        key = hashlib.sha256(repr((CACHE_FORMAT, self.corpus_fingerprint, self.fingerprint, val_fraction)).encode())
+        self.dir = Path(folder or cache_dir() / "tokens") / key.hexdigest()[:20]
         self.dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+        is_main = runtime is None or runtime.is_main
+        if is_main and rebuild and self.dir.exists():
+            shutil.rmtree(self.dir)
         self.built = not (self.dir / "meta.json").exists()
-        if self.built:
-            self._build(documents, tokenizer, val_fraction)
+        if self.built and is_main:
+            self._build(corpus, tokenizer, val_fraction, workers, log)
+        if runtime is not None:
+            runtime.barrier()                       # rank 0's files are complete for everyone after this
         self.meta = json.loads((self.dir / "meta.json").read_text(encoding="utf-8"))
 
-    def _build(self, documents, tokenizer, val_fraction):
+    def _encoded_pieces(self, corpus, tokenizer, workers, skip):
+        """(ids as bytes, starts_document, characters) of each piece after the first `skip`, in order."""
+        pieces = itertools.islice(corpus.pieces(), skip, None)
+        if workers <= 1:
+            for text, starts in pieces:
+                ids = np.asarray(tokenizer.encode(text, allowed_special="all"), dtype=self.dtype).tobytes()
+                yield ids, starts, len(text)
+            return
+        # Processes, not threads: tiktoken's threads hold the GIL while turning ids into Python ints, and reach
+        # less than one core's speed. fork shares the tokenizer with the workers where the platform has it.
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        arguments = (f"llmfs-{tokenizer.name}", tokenizer.pattern, tokenizer.ranks, tokenizer.special_tokens,
+                     self.dtype.name, tokenizer.normalizer == "NFC")
+        texts, starts_and_sizes = itertools.tee(pieces)
+        with multiprocessing.get_context(method).Pool(workers, _encode_worker.start, arguments) as pool:
+            encoded = pool.imap(_encode_worker.encode, (text for text, _ in texts), chunksize=1)
+            for ids, (text, starts) in zip(encoded, starts_and_sizes):
+                yield ids, starts, len(text)
+
+    def _build(self, corpus, tokenizer, val_fraction, workers, log):
         started = time.perf_counter()
-        separator = tokenizer.special_tokens.get("<|endoftext|>")
-        self.dir.parent.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(dir=self.dir.parent, prefix=self.dir.name + "."))
+        separator = np.asarray([tokenizer.eot_id], dtype=self.dtype).tobytes() if tokenizer.eot_id is not None else b""
+        workers = workers or (os.cpu_count() or 1)
+        workers = workers if corpus.num_bytes > ENCODE_IN_PROCESSES_BYTES else 1
+        building = self.dir.with_name(self.dir.name + ".building")
+        building.mkdir(parents=True, exist_ok=True)
+        progress_path, all_path = building / "progress.json", building / "all.bin"
+        done = {"pieces": 0, "tokens": 0, "characters": 0}
+        if progress_path.exists() and all_path.exists():      # a build that was stopped: continue it
+            done = json.loads(progress_path.read_text(encoding="utf-8"))
+            log(f"tokens: continuing a stopped build at {done['characters'] / 1e6:.1f} MB of text")
+        with open(all_path, "r+b" if all_path.exists() else "wb") as f:
+            f.truncate(done["tokens"] * self.dtype.itemsize)   # what was written after the last saved progress
+            f.seek(0, os.SEEK_END)
+            last_log = last_save = time.perf_counter()
+            size = corpus.num_bytes
+            for ids, starts, characters in self._encoded_pieces(corpus, tokenizer, workers, done["pieces"]):
+                if starts and done["tokens"] > 0 and separator:
+                    f.write(separator)
+                    done["tokens"] += 1
+                f.write(ids)
+                done["tokens"] += len(ids) // self.dtype.itemsize
+                done["pieces"] += 1
+                done["characters"] += characters
+                now = time.perf_counter()
+                if now - last_save > 5:                       # flushed tokens first, then the progress
+                    f.flush()
+                    atomic_write_bytes(progress_path, json.dumps(done).encode())
+                    last_save = now
+                if now - last_log > PROGRESS_SECONDS:
+                    rate = done["characters"] / max(now - started, 1e-9)
+                    eta = max(0.0, size - done["characters"]) / max(rate, 1.0)
+                    log(f"tokens: encoded {done['characters'] / 1e6:,.1f}/~{size / 1e6:,.1f} MB | {rate / 1e6:.1f} MB/s"
+                        f" | {done['tokens'] / 1e6:,.1f}M tokens | {workers} process{'es' if workers > 1 else ''}"
+                        f" | ETA {format_seconds(eta)}")
+                    last_log = now
+        if done["tokens"] == 0:
+            shutil.rmtree(building, ignore_errors=True)
+            raise UserError(f"the corpus {corpus.spec!r} holds no text")
+        stream = np.memmap(all_path, dtype=self.dtype, mode="r")
+        train_ranges, val_ranges = split_ranges(len(stream), val_fraction)
+        counts = {}
+        for split, ranges in (("train", train_ranges), ("val", val_ranges)):
+            with open(building / f"{split}.bin", "wb") as out:
+                for start, end in ranges:
+                    for block in range(start, end, 1 << 24):  # 16M tokens at a time: bounded memory
+                        stream[block:min(end, block + (1 << 24))].tofile(out)
+            counts[split] = sum(end - start for start, end in ranges)
+        del stream
+        all_path.unlink()
+        progress_path.unlink(missing_ok=True)
+        seconds = time.perf_counter() - started
+        meta = {"format": CACHE_FORMAT, "corpus": corpus.spec, "corpus_fingerprint": self.corpus_fingerprint,
+                "tokenizer": self.fingerprint, "dtype": self.dtype.name, "val_fraction": val_fraction,
+                "pieces": done["pieces"], "characters": done["characters"], "num_tokens": counts,
+                "seconds": round(seconds, 3), "workers": workers}
+        (building / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         try:
-            # Encode batch by batch into one flat file, so that a large corpus never sits in memory as
-            # Python lists of ints; then cut that file into the train and val files.
-            all_path = building / "all.bin"
-            with open(all_path, "wb") as f:
-                batch, batch_chars, written = [], 0, 0
-                for k, document in enumerate(documents):
-                    batch.append(document)
-                    batch_chars += len(document)
-                    if batch_chars >= 4_000_000 or k == len(documents) - 1:
-                        for ids in tokenizer.encode_batch(batch, allowed_special="all"):
-                            if separator is not None and written > 0:
-                                ids = [separator] + ids
-                            np.asarray(ids, dtype=self.dtype).tofile(f)
-                            written += len(ids)
-                        batch, batch_chars = [], 0
-            stream = np.memmap(all_path, dtype=self.dtype, mode="r")
-            train_ranges, val_ranges = split_ranges(len(stream), val_fraction)
-            counts = {}
-            for split, ranges in (("train", train_ranges), ("val", val_ranges)):
-                with open(building / f"{split}.bin", "wb") as f:
-                    for start, end in ranges:
-                        stream[start:end].tofile(f)
-                counts[split] = sum(end - start for start, end in ranges)
-            del stream
-            all_path.unlink()
-            meta = {"format": CACHE_FORMAT, "corpus_sha256": self.corpus_sha256, "tokenizer": self.fingerprint,
-                    "dtype": self.dtype.name, "val_fraction": val_fraction, "documents": len(documents),
-                    "num_tokens": counts, "seconds": round(time.perf_counter() - started, 3)}
-            (building / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-            try:
-                os.replace(building, self.dir)             # the folder appears complete, or not at all
-            except OSError:
-                if not (self.dir / "meta.json").exists():  # not another process finishing first: a real error
-                    raise
-        finally:
-            shutil.rmtree(building, ignore_errors=True)    # gone already when os.replace succeeded
+            os.replace(building, self.dir)                 # the folder appears complete, or not at all
+        except OSError:
+            if not (self.dir / "meta.json").exists():      # not another process finishing first: a real error
+                raise
+            shutil.rmtree(building, ignore_errors=True)
+        if seconds > 2:
+            log(f"tokens: {sum(counts.values()):,} tokens from {done['characters'] / 1e6:,.1f} MB in "
+                f"{format_seconds(seconds)} ({done['characters'] / seconds / 1e6:.1f} MB/s, {workers} "
+                f"process{'es' if workers > 1 else ''}) -> {self.dir}")
 
     def num_tokens(self, split):
         return self.meta["num_tokens"][split]

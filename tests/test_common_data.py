@@ -6,6 +6,7 @@ tests never read or write the user's ~/.cache.
 
 import http.server
 import json
+import os
 import re
 import socket
 import threading
@@ -271,7 +272,7 @@ def test_bad_corpus_files_give_one_clear_line(tmp_path, name, content, message):
 
 
 def test_folder_without_text_files_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="no .txt files"):
+    with pytest.raises(UserError, match="no .txt, .txt.gz, .jsonl, .jsonl.gz files"):
         data.load_corpus(str(tmp_path))
 
 
@@ -320,7 +321,7 @@ def test_named_corpora_download_once_into_the_cache(tmp_path, monkeypatch, file_
     assert data.corpus_documents("wikitext-2") == [" = train = \n", " = valid = \n", " = test = \n"]
     assert not list((tmp_path / "cache").rglob("*.tmp"))                # written atomically, nothing left over
     monkeypatch.setitem(data.CORPUS_URLS, "shakespeare", [f"{url}/moved.txt"])
-    with pytest.raises(UserError, match="HTTP Error 404.*--data path/to/file.txt"):
+    with pytest.raises(UserError, match="HTTP Error 404.*--data PATH"):
         data.load_corpus("shakespeare")
 
 
@@ -330,7 +331,7 @@ def test_unreachable_download_says_how_to_pass_a_local_file(tmp_path, monkeypatc
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     monkeypatch.setitem(data.CORPUS_URLS, "shakespeare", [f"http://127.0.0.1:{port}/input.txt"])
-    with pytest.raises(UserError, match=r"could not download shakespeare .*--data path/to/file\.txt"):
+    with pytest.raises(UserError, match=r"could not download shakespeare .*--data PATH"):
         data.load_corpus("shakespeare")
     assert not (tmp_path / "cache" / "corpora").exists() or not list((tmp_path / "cache" / "corpora").iterdir())
 
@@ -372,7 +373,7 @@ def test_token_cache_is_reused_and_rebuilt_when_corpus_or_tokenizer_change(tmp_p
     assert first.built
     stamp = (first.dir / "train.bin").stat().st_mtime_ns
     calls = []
-    monkeypatch.setattr(tokenizer, "encode_batch", lambda *a, **k: calls.append(1) or BPETokenizer.encode_batch(tokenizer, *a, **k))
+    monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: calls.append(1) or BPETokenizer.encode(tokenizer, *a, **k))
     second = data.TokenCache(DOCUMENTS, tokenizer, tmp_path)
     assert not second.built and not calls and second.dir == first.dir
     assert (second.dir / "train.bin").stat().st_mtime_ns == stamp
@@ -435,3 +436,148 @@ def test_batch_indices_cover_every_example_once_and_bucketing_cuts_padding():
     plain = padded(data.batch_indices(lengths, 16, shuffle=True, seed=3))
     bucketed = padded(data.batch_indices(lengths, 16, shuffle=True, seed=3, bucket=True))
     assert bucketed < 0.7 * plain
+
+
+# ----------------------------------------------------------------------------- corpora at scale
+def write_corpus_folder(folder):
+    """One document of each kind: a .txt, a .txt.gz, a .jsonl (two documents) and a .jsonl.gz (one)."""
+    import gzip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a.txt").write_text("first file\r\nwith windows lines\n", encoding="utf-8")
+    with gzip.open(folder / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("a gzipped text\n")
+    (folder / "sub").mkdir(exist_ok=True)
+    (folder / "sub" / "c.jsonl").write_text('{"text": "doc one"}\n\n{"text": "doc two", "id": 2}\n', encoding="utf-8")
+    with gzip.open(folder / "sub" / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"body": "x", "text": "gz json"}) + "\n")
+    (folder / "ignored.bin").write_bytes(b"\x00\x01")
+
+
+def test_a_folder_of_every_format_streams_its_documents_in_path_order(tmp_path):
+    write_corpus_folder(tmp_path / "corpus")
+    corpus = data.Corpus(tmp_path / "corpus")
+    assert [p.name for p in corpus.files] == ["a.txt", "b.txt.gz", "c.jsonl", "d.jsonl.gz"]
+    assert corpus.documents() == ["first file\nwith windows lines\n", "a gzipped text\n", "doc one", "doc two",
+                                  "gz json"]
+    with pytest.raises(UserError, match=r"c\.jsonl, line 1: not a JSON object with a 'body' string"):
+        data.Corpus(tmp_path / "corpus", text_field="body").documents()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"), (b"text\x00more", "binary"), (b"\xff\xfe bad", "not UTF-8"),
+])
+def test_a_bad_corpus_file_fails_at_construction_in_one_line(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        data.Corpus(path)
+    (tmp_path / "bad.txt.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="not a gzip file"):
+        data.Corpus(tmp_path / "bad.txt.gz")
+
+
+def test_pieces_of_a_long_text_encode_to_the_whole_texts_ids(tmp_path, monkeypatch):
+    """A long text is read in pieces cut after a newline between two non-space characters; the pieces' ids,
+    concatenated, are the whole text's, with GPT-4's pattern and with GPT-2's."""
+    from common.tokenizer import GPT2_SPLIT_PATTERN
+    text = data.load_corpus("pydocs")[:400_000]
+    (tmp_path / "long.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(data, "PIECE_CHARS", 20_000)
+    pieces = list(data.Corpus(tmp_path / "long.txt").pieces())
+    assert len(pieces) > 15 and [starts for _, starts in pieces] == [True] + [False] * (len(pieces) - 1)
+    assert "".join(piece for piece, _ in pieces) == text
+    for pattern in (None, GPT2_SPLIT_PATTERN):
+        tokenizer = BPETokenizer.train(text[:100_000], 400, **({"pattern": pattern} if pattern else {}))
+        assert sum((tokenizer.encode(piece) for piece, _ in pieces), []) == tokenizer.encode(text)
+
+
+def test_the_tokenizer_sample_is_spread_over_the_corpus_and_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "PIECE_CHARS", 2_000)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(100):                                  # 100 small files of 1 kB: every 4th is taken
+        (folder / f"{i:03d}.txt").write_text(f"file {i:03d} " + "x" * 990 + "\n", encoding="utf-8")
+    (tmp_path / "long.txt").write_text("".join(f"line {i:05d} of one long text\n" for i in range(20_000)))
+    many = "".join(data.Corpus(folder).sample_texts(25_000))
+    taken = [int(m) for m in re.findall(r"file (\d+)", many)]
+    assert 20 <= len(taken) <= 30 and taken[0] < 10 and taken[-1] > 90
+    long = list(data.Corpus(tmp_path / "long.txt").sample_texts(60_000))
+    lines = [int(m) for m in re.findall(r"line (\d+)", "".join(long))]
+    assert 40_000 <= len("".join(long)) <= 70_000 and lines[0] < 2_000 and lines[-1] > 18_000
+    assert all(text.startswith("line") for text in long)  # every window starts at a line
+    everything = list(data.Corpus(folder).sample_texts(10**9))
+    assert "".join(everything) == "".join(text for text, _ in data.Corpus(folder).pieces())
+
+
+def test_the_corpus_fingerprint_follows_size_mtime_and_content_without_reading_it_all(tmp_path):
+    write_corpus_folder(tmp_path / "corpus")
+    first = data.Corpus(tmp_path / "corpus").fingerprint
+    assert data.Corpus(tmp_path / "corpus").fingerprint == first
+    os.utime(tmp_path / "corpus" / "a.txt", ns=(0, 10**18))
+    touched = data.Corpus(tmp_path / "corpus").fingerprint
+    assert touched != first
+    (tmp_path / "corpus" / "e.txt").write_text("a new file\n")
+    assert data.Corpus(tmp_path / "corpus").fingerprint not in (first, touched)
+
+
+def test_token_cache_in_processes_equals_in_process(tmp_path, tokenizer, monkeypatch):
+    """A corpus above ENCODE_IN_PROCESSES_BYTES is encoded by a pool of processes: the same tokens."""
+    write_corpus_folder(tmp_path / "corpus")
+    monkeypatch.setattr(data, "PIECE_CHARS", 8)
+    one = data.TokenCache(tmp_path / "corpus", tokenizer, tmp_path / "one", workers=1)
+    monkeypatch.setattr(data, "ENCODE_IN_PROCESSES_BYTES", 0)
+    two = data.TokenCache(tmp_path / "corpus", tokenizer, tmp_path / "two", workers=2)
+    assert two.meta["workers"] == 2 and one.meta["workers"] == 1
+    for split in ("train", "val"):
+        assert np.array_equal(one.memmap(split), two.memmap(split))
+    eot = tokenizer.eot_id
+    stream = np.concatenate([one.memmap("train"), one.memmap("val")])
+    assert (stream == eot).sum() == 4                      # 5 documents, joined by 4 end-of-text tokens
+
+
+def test_a_stopped_token_cache_build_continues_where_it_stopped(tmp_path, tokenizer, monkeypatch):
+    text = data.load_corpus("pydocs")[:300_000]
+    (tmp_path / "long.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(data, "PIECE_CHARS", 10_000)
+    whole = data.TokenCache(tmp_path / "long.txt", tokenizer, tmp_path / "whole")
+    encoded, real_encode = [], BPETokenizer.encode
+
+    def encode_then_stop(self, piece, **kwargs):
+        encoded.append(len(piece))
+        if len(encoded) == 12:
+            raise KeyboardInterrupt                       # Ctrl-C in the middle of the build
+        return real_encode(self, piece, **kwargs)
+
+    clock = iter(range(0, 10**6, 10))                     # 10 "seconds" a call: progress is saved every piece
+    monkeypatch.setattr(data.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(BPETokenizer, "encode", encode_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        data.TokenCache(tmp_path / "long.txt", tokenizer, tmp_path / "cut")
+    building = next((tmp_path / "cut").glob("*.building"))
+    saved = json.loads((building / "progress.json").read_text())
+    assert 5 <= saved["pieces"] < 12 and not list((tmp_path / "cut").glob("*[!g]"))  # no finished folder
+    monkeypatch.setattr(BPETokenizer, "encode", lambda self, piece, **kw: encoded.append(len(piece)) or
+                        real_encode(self, piece, **kw))
+    encoded.clear()
+    logs = []
+    resumed = data.TokenCache(tmp_path / "long.txt", tokenizer, tmp_path / "cut", log=logs.append)
+    assert any("continuing a stopped build" in line for line in logs)
+    assert len(encoded) == len(list(data.Corpus(tmp_path / "long.txt").pieces())) - saved["pieces"]
+    for split in ("train", "val"):
+        assert np.array_equal(resumed.memmap(split), whole.memmap(split))
+    assert not building.exists()
+
+
+def test_rebuild_builds_the_cache_again(tmp_path, tokenizer):
+    first = data.TokenCache(DOCUMENTS, tokenizer, tmp_path)
+    again = data.TokenCache(DOCUMENTS, tokenizer, tmp_path, rebuild=True)
+    assert first.built and again.built and again.dir == first.dir
+
+
+def test_c4_names_its_shards(monkeypatch):
+    assert data.corpus_urls("c4") == [data.C4_SHARD_URL.format(index=0)]
+    assert data.corpus_urls("c4:3")[-1].endswith("c4-train.00002-of-01024.json.gz")
+    assert data.corpus_urls("tinystories")[0].endswith("TinyStoriesV2-GPT4-train.txt")
+    with pytest.raises(UserError, match="c4:1 to c4:1024"):
+        data.corpus_urls("c4:0")
+    assert data.corpus_urls("c5") is None
