@@ -45,7 +45,7 @@ from common.checkpoint import claim_out_dir, load_checkpoint, load_model_state, 
 from common.config import UserError, parse_config, run_main  # noqa: E402
 from common.report import Progress, format_seconds, format_table, print_report, write_report  # noqa: E402
 from common.runtime import StopFlag, setup  # noqa: E402
-from common.tokenizer import BPETokenizer, documents_sha256  # noqa: E402
+from common.tokenizer import BPETokenizer  # noqa: E402
 
 gpt_model = load_module(HERE / "model.py")
 GPT, GPTConfig, GPTClassifier = gpt_model.GPT, gpt_model.GPTConfig, gpt_model.GPTClassifier
@@ -64,7 +64,10 @@ class Config:
     resume: bool = False             # continue a stopped pretraining run from out_dir/ckpt.pt
     init_from: str = ""              # a Hugging Face folder (GPT-2, Llama, Qwen) to finetune, not pretrain
     # data
-    data: str = "pydocs"             # pretraining corpus: pydocs | shakespeare | wikitext-2 | file.txt | folder
+    data: str = "pydocs"             # corpus: pydocs | shakespeare | wikitext-2 | tinystories | c4[:N] | file | folder
+    text_field: str = "text"         # the field of a .jsonl corpus's rows that holds the text
+    tokenizer_sample_mb: float = 100  # the BPE is trained on this many MB, spread over the corpus
+    rebuild_cache: bool = False      # encode the corpus again (after an edit its fingerprint cannot see)
     vocab_size: int = 1024           # BPE vocabulary size (256 bytes + merges + <|endoftext|>)
     # model
     n_layer: int = 4                 # Transformer blocks
@@ -127,16 +130,19 @@ PRESETS = {
                  ft_iters=8, ft_batch_size=4, ft_eval_interval=4, max_ft_examples=64, num_samples=1,
                  max_new_tokens=8),
     "default": {},   # the defaults: all stages in about 5 minutes on 2 CPU cores
-    "gpt2-124m": dict(vocab_size=16384, n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0,
-                      batch_size=16, grad_accum=4, max_iters=5000, lr=6e-4, min_lr=6e-5, warmup_iters=200,
+    # GPT-2 small's shape on TinyStories (downloaded once, 2.2 GB): 7,500 steps of 16 x 4 x 1024 tokens are
+    # 490M tokens, about one pass over it and 4 tokens per parameter (Chinchilla's compute-optimal 20 would be
+    # 2.5B tokens, five passes); on one H100 about 40 minutes at 200k tokens/s
+    "gpt2-124m": dict(data="tinystories", vocab_size=16384, n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                      dropout=0.0, batch_size=16, grad_accum=4, max_iters=7500, lr=6e-4, min_lr=6e-5, warmup_iters=300,
                       eval_interval=500, eval_iters=50, log_interval=20, ft_iters=1000, ft_batch_size=16,
                       ft_lr=1e-4, ft_eval_interval=100, max_new_tokens=128),
 }
 
 # What decides the checkpoints in out_dir: a run with other values is refused there (claim_out_dir).
-CLAIMED_FIELDS = ("init_from", "data", "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias", "arch",
-                  "n_kv_head", "qk_norm", "rope_theta")
-ABLATION_FIELDS = ("data", "vocab_size", "n_layer", "n_head", "n_embd", "block_size")   # its rows set the rest
+CLAIMED_FIELDS = ("init_from", "data", "text_field", "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias",
+                  "arch", "n_kv_head", "qk_norm", "rope_theta")
+ABLATION_FIELDS = ("data", "text_field", "vocab_size", "n_layer", "n_head", "n_embd", "block_size")  # rows set the rest
 ARCHS = ("gpt2", "llama")
 
 
@@ -250,13 +256,13 @@ def load_run_tokenizer(out_dir, ckpt):
     return tokenizer
 
 
-def load_stopped_run(cfg, out_dir, documents):
+def load_stopped_run(cfg, out_dir, corpus):
     """--resume: the checkpoint a stopped pretraining run left in out_dir, and its tokenizer."""
     ckpt_path = out_dir / "ckpt.pt"
     if not ckpt_path.exists():
         raise UserError(f"--resume: there is no {ckpt_path} to continue; run without --resume to start")
     ckpt = load_checkpoint(ckpt_path)
-    if ckpt.get("corpus_sha256") != documents_sha256(documents):
+    if ckpt.get("corpus_fingerprint") != corpus.fingerprint:
         raise UserError(f"--resume: the corpus {cfg.data!r} is not the one {ckpt_path} was trained on (edited "
                         "since?); run without --resume to start over")
     return ckpt, load_run_tokenizer(out_dir, ckpt)
@@ -368,7 +374,7 @@ def sample_text(model, tokenizer, rt, prompt="", max_new_tokens=64, temperature=
     return texts
 
 
-def pretrain(cfg, rt, tokenizer, documents, out_dir, stopped=None, model_config=None):
+def pretrain(cfg, rt, tokenizer, tokens, out_dir, stopped=None, model_config=None):
     """Train a GPT from random weights on the corpus, or continue `stopped` (the checkpoint of a stopped
     run, --resume) exactly where it stopped; returns (model, pretraining report). The model is the one cfg
     describes, or `model_config` (an ablation row)."""
@@ -377,9 +383,6 @@ def pretrain(cfg, rt, tokenizer, documents, out_dir, stopped=None, model_config=
     if stopped is not None and stopped.get("model_config") != dataclasses.asdict(model_config):
         raise UserError(f"{ckpt_path} was saved for another model config ({stopped.get('model_config')}); "
                         f"use the same flags, or another --out_dir")
-    tokens = data.TokenCache(documents, tokenizer)
-    rt.log(f"corpus: {cfg.data}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens"
-           f" ({'encoded now' if tokens.built else 'cached'})")
     model = GPT(model_config).to(rt.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), rt.device_type)
     start_iter, best_val, history, seconds_before = 0, float("inf"), [], 0.0
@@ -425,7 +428,7 @@ def pretrain(cfg, rt, tokenizer, documents, out_dir, stopped=None, model_config=
                 "iter": it, "best_val_loss": best_val, "history": history, "torch_rng": torch.get_rng_state(),
                 **({"cuda_rng": torch.cuda.get_rng_state()} if rt.device_type == "cuda" else {}),
                 "tokenizer": {"path": "tokenizer.json", "fingerprint": tokenizer.fingerprint},
-                "corpus_sha256": tokens.corpus_sha256,
+                "corpus_fingerprint": tokens.corpus_fingerprint,
                 "report": pretrain_report(), "seconds": seconds_before + progress.seconds,
             })
 
@@ -472,7 +475,7 @@ def pretrain(cfg, rt, tokenizer, documents, out_dir, stopped=None, model_config=
     return model, pretrain_report()
 
 
-def ablation(cfg, rt, tokenizer, documents, out_dir):
+def ablation(cfg, rt, tokenizer, tokens, corpus, out_dir):
     """--stage ablation: pretrain each row of `ablation_rows` from scratch with cfg's budget, in
     out_dir/ablation/<row>; returns {row: its parameters, best val loss, tokens/s and seconds}. With
     --resume, finished rows are read back and a stopped row continues."""
@@ -482,8 +485,8 @@ def ablation(cfg, rt, tokenizer, documents, out_dir):
         rt.log(f"\nablation {number}/{len(rows)}: {name}")
         stopped = None
         if cfg.resume and (row_dir / "ckpt.pt").exists():
-            stopped, _ = load_stopped_run(cfg, row_dir, documents)
-        _, summary = pretrain(cfg, rt, tokenizer, documents, row_dir, stopped,
+            stopped, _ = load_stopped_run(cfg, row_dir, corpus)
+        _, summary = pretrain(cfg, rt, tokenizer, tokens, row_dir, stopped,
                               model_config_for(cfg, tokenizer.vocab_size, **switches))
         results[name] = {key: summary[key] for key in ("parameters", "val_loss", "perplexity", "tokens_per_second",
                                                        "seconds")}
@@ -928,7 +931,7 @@ def main(argv=None):
 
     # What can fail fails here, before the slow work: the corpus, the tasks, the folder, the weights.
     pretraining = cfg.stage in ("all", "pretrain", "ablation") and not cfg.init_from
-    documents = data.corpus_documents(cfg.data) if pretraining else None
+    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log) if pretraining else None
     tasks = load_finetuning_tasks(cfg) if cfg.stage in ("all", "finetune") else {}
 
     # 3. tokenizer and base model -------------------------------------------------------------------
@@ -943,12 +946,15 @@ def main(argv=None):
         else:
             claim_out_dir(out_dir, dataclasses.asdict(cfg), CLAIMED_FIELDS)
         if cfg.resume and cfg.stage != "ablation":
-            stopped, tokenizer = load_stopped_run(cfg, out_dir, documents)
-        else:   # trained once per corpus content, vocabulary size and special tokens, then cached
+            stopped, tokenizer = load_stopped_run(cfg, out_dir, corpus)
+        else:   # trained once per corpus (its fingerprint), sample size, vocabulary size and specials, then cached
             stopped = None
-            tokenizer = BPETokenizer.load_or_train(documents, cfg.vocab_size, special_tokens=(EOT,), runtime=rt,
-                                                   log=rt.log)
+            tokenizer = BPETokenizer.load_or_train(list(corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6)),
+                                                   cfg.vocab_size, special_tokens=(EOT,), runtime=rt, log=rt.log)
         rt.log(f"tokenizer: {tokenizer.vocab_size}-token BPE of {cfg.data}")
+        tokens = data.TokenCache(corpus, tokenizer, runtime=rt, log=rt.log, rebuild=cfg.rebuild_cache)
+        rt.log(f"corpus: {cfg.data}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens"
+               f" ({'encoded now' if tokens.built else 'cached'})")
     else:
         base, tokenizer, report["pretrain"] = load_pretrained_run(out_dir, rt)
         cfg.block_size = base.config.block_size
@@ -957,11 +963,11 @@ def main(argv=None):
 
     # 4. pretraining (or the ablation: one pretraining per architecture) ----------------------------
     if cfg.stage == "ablation":
-        report["ablation"] = ablation(cfg, rt, tokenizer, documents, out_dir)
+        report["ablation"] = ablation(cfg, rt, tokenizer, tokens, corpus, out_dir)
     elif pretraining:
         if stopped is None and rt.is_main:   # a new model: the old report's finetuning rows measured another one
             (out_dir / "report.json").unlink(missing_ok=True)
-        base, report["pretrain"] = pretrain(cfg, rt, tokenizer, documents, out_dir, stopped)
+        base, report["pretrain"] = pretrain(cfg, rt, tokenizer, tokens, out_dir, stopped)
         rt.log(f"pretraining done: best val loss {report['pretrain']['val_loss']:.4f} in "
                f"{format_seconds(report['pretrain']['seconds'])}")
 

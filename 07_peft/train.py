@@ -69,7 +69,10 @@ class Config:
     base: str = "auto"               # auto (out/05_gpt's finished run, else pretrain) | '' (pretrain) | checkpoint | folder
     init_from: str = ""              # a Hugging Face folder (GPT-2, Llama, Qwen): the same as --base FOLDER (05's flag)
     # data
-    data: str = "pydocs"             # pretraining corpus: pydocs | shakespeare | wikitext-2 | file.txt | folder
+    data: str = "pydocs"             # corpus: pydocs | shakespeare | wikitext-2 | tinystories | c4[:N] | file | folder
+    text_field: str = "text"         # the field of a .jsonl corpus's rows that holds the text
+    tokenizer_sample_mb: float = 100  # the BPE is trained on this many MB, spread over the corpus
+    rebuild_cache: bool = False      # encode the corpus again (after an edit its fingerprint cannot see)
     vocab_size: int = 1024           # BPE vocabulary size of a base pretrained here
     # base model, pretrained here when neither --base nor --init_from is given
     n_layer: int = 4                 # Transformer blocks
@@ -139,7 +142,7 @@ PRESETS = {
 }
 
 # What decides the checkpoints of a base pretrained in out_dir (claim_out_dir refuses a run with others).
-PRETRAINING_FIELDS = ("base", "data", "vocab_size", "n_layer", "n_head", "n_embd", "block_size")
+PRETRAINING_FIELDS = ("base", "data", "text_field", "vocab_size", "n_layer", "n_head", "n_embd", "block_size")
 # What decides a finished row of the table, with the base itself (results.json: --resume reuses a row
 # only under the same values).
 FINETUNING_FIELDS = ("num_labels", "pooling", "ft_iters", "ft_batch_size", "ft_max_len", "ft_eval_interval",
@@ -237,8 +240,8 @@ def check_config(cfg):
         raise UserError(f"--lora_targets: {error}") from None
     if pretrains_here(cfg):
         check_context(cfg, cfg.block_size)          # a base from a file is checked once it is loaded
-        if cfg.data not in ("pydocs", *data.CORPUS_URLS):
-            data.corpus_documents(cfg.data)         # a missing, empty or binary file: one line, now
+        if cfg.data != "pydocs" and data.corpus_urls(cfg.data) is None:
+            data.Corpus(cfg.data, cfg.text_field)   # a missing, empty or binary file: one line, now
 
 
 # -------------------------------------------------------------------------------------- 3. base model
@@ -271,7 +274,8 @@ def pretrain(cfg, rt, tokenizer, out_dir, ckpt=None):
     in chapter 05's checkpoint format (so --base out/07_peft/ckpt.pt reuses it from another folder).
     `ckpt`: a stopped run's checkpoint to continue (--resume) exactly where it stopped.
     Returns (model, pretraining report)."""
-    tokens = data.TokenCache(cfg.data, tokenizer)
+    tokens = data.TokenCache(data.Corpus(cfg.data, cfg.text_field, log=rt.log), tokenizer, runtime=rt, log=rt.log,
+                             rebuild=cfg.rebuild_cache)
     rt.log(f"corpus: {cfg.data}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens"
            f" ({'encoded now' if tokens.built else 'cached'})")
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.vocab_size, n_layer=cfg.n_layer,
@@ -530,9 +534,10 @@ def get_base(cfg, rt, out_dir, by_auto=False):
     claim_out_dir(out_dir, claimed, PRETRAINING_FIELDS)
     for spent in (out_dir / "results.json", out_dir / "finetune.pt"):   # rows of the base this run replaces
         spent.unlink(missing_ok=True)
-    rt.log(f"tokenizer: {cfg.vocab_size}-token BPE on {cfg.data} (trained once per corpus content, then cached)")
-    tokenizer = BPETokenizer.load_or_train(data.corpus_documents(cfg.data), cfg.vocab_size, special_tokens=(EOT,),
-                                           runtime=rt, log=rt.log)
+    rt.log(f"tokenizer: {cfg.vocab_size}-token BPE on {cfg.data} (trained once per corpus, then cached)")
+    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log)
+    tokenizer = BPETokenizer.load_or_train(list(corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6)), cfg.vocab_size,
+                                           special_tokens=(EOT,), runtime=rt, log=rt.log)
     base, summary = pretrain(cfg, rt, tokenizer, out_dir)
     return base, tokenizer, {"source": "pretrained here", "pretrain": summary}
 

@@ -15,6 +15,12 @@
                 decoder saved with save_pretrained, loaded by transformers): ours vs transformers' generate,
                 identical tokens asserted (needs transformers)
     chapters    training tokens/s of each chapter's model (01 to 06) at one small shape
+    data        the start of a pretraining run on a large folder of real text (this machine's Python sources,
+                headers and docs, copied as .txt into --data_dir, --corpus_mb MB; 400 by default): a 16k BPE on
+                the 100 MB sample and the token cache, first run (cold cache) and warm restart, each in a fresh
+                process: seconds, peak RSS (the process and its encoding workers), encoding MB/s beside the cores'
+                limit (cores x one thread of tiktoken's encode_ordinary on the same bytes), and the same figures
+                extrapolated to 10 GB from the measured rates
     --gpu       the GPU check (also tests/gpu_check.sh), on one CUDA GPU in about 8 minutes: every
                 chapter's tiny preset with --device cuda (bf16 autocast) and --compile, a 1-process
                 torchrun of 05, and 200 steps of 05's gpt2-124m preset; a table of pass/fail, tokens/s,
@@ -24,6 +30,7 @@ Figures vary with the machine and its load; run it on an otherwise idle machine.
 """
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -247,6 +254,111 @@ def bench_chapters(iters):
               f"{B * T / step_seconds:8,.0f} tok/s")
 
 
+DATA_SUFFIXES = (".py", ".pyi", ".h", ".hpp", ".c", ".md", ".rst", ".txt", ".html", ".json")
+
+# One pretraining start in a fresh process (so that its peak memory is its own): the corpus, the tokenizer on
+# its sample, the token cache; prints one JSON line of figures.
+DATA_START = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+started = time.perf_counter()
+from common import data
+from common.tokenizer import BPETokenizer
+corpus = data.Corpus(sys.argv[2], log=lambda line: None)
+tokenizer = BPETokenizer.load_or_train(list(corpus.sample_texts(100e6)), 16384, special_tokens=("<|endoftext|>",),
+                                       log=lambda line: print(line, file=sys.stderr))
+tokenizer_done = time.perf_counter()
+tokens = data.TokenCache(corpus, tokenizer, log=lambda line: print(line, file=sys.stderr))
+done = time.perf_counter()
+kib = 1024
+print(json.dumps({"seconds": done - started, "tokenizer_seconds": tokenizer_done - started,
+                  "cache_seconds": done - tokenizer_done, "tokens": sum(tokens.meta["num_tokens"].values()),
+                  "encode_seconds": tokens.meta["seconds"], "characters": tokens.meta["characters"],
+                  "workers": tokens.meta["workers"], "built": tokens.built,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1e6,
+                  "children_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib / 1e6}))
+"""
+
+
+def make_text_folder(folder, megabytes):
+    """A folder of ~`megabytes` MB of real text: this machine's Python sources, headers and docs as .txt files."""
+    import os
+    import shutil
+    target = int(megabytes * 1e6)
+    if folder.exists() and sum(p.stat().st_size for p in folder.rglob("*.txt")) >= 0.95 * target:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    total, count = 0, 0
+    roots = ["/usr/include", "/usr/share", f"{sys.base_prefix}/lib", f"{sys.prefix}/lib"]
+    for root in dict.fromkeys(roots):
+        for directory, _, names in sorted(os.walk(root)):
+            for name in sorted(names):
+                path = Path(directory) / name
+                if not name.endswith(DATA_SUFFIXES) or path.is_symlink():
+                    continue
+                try:
+                    raw = path.read_bytes()
+                    raw.decode("utf-8")
+                except (OSError, UnicodeDecodeError):
+                    continue
+                if not raw.strip() or b"\x00" in raw or len(raw) > 4 << 20:
+                    continue
+                (folder / f"{count:06d}-{name}.txt").write_bytes(raw)
+                total, count = total + len(raw), count + 1
+                if total >= target:
+                    return folder
+    print(f"(this machine has only {total / 1e6:.0f} MB of such text: the folder is that size)")
+    return folder
+
+
+def bench_data(corpus_mb, data_dir):
+    import json
+    import os
+    import subprocess
+    import tempfile
+    import tiktoken
+    folder = make_text_folder(Path(data_dir) / f"text-{corpus_mb:g}mb", corpus_mb)
+    corpus = data.Corpus(folder)
+    print(f"\n== data: {corpus.num_bytes / 1e6:.0f} MB of text in {len(corpus.files):,} files ({folder}), "
+          f"{os.cpu_count()} cores ==")
+    runs = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "LLMFS_CACHE": cache}
+        for run in ("first run", "warm restart"):
+            result = subprocess.run([sys.executable, "-c", DATA_START, str(REPO_ROOT), str(folder)], env=env,
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                sys.exit(f"error: the {run} failed:\n{result.stderr[-3000:]}")
+            runs[run] = json.loads(result.stdout.strip().splitlines()[-1])
+            figures = runs[run]
+            print(f"{run:<13} {figures['seconds']:6.1f} s (tokenizer {figures['tokenizer_seconds']:.1f} s, token "
+                  f"cache {figures['cache_seconds']:.1f} s)  peak RSS {figures['rss_mb']:,.0f} MB, workers "
+                  f"{figures['children_rss_mb']:,.0f} MB each at most")
+        tokenizer_files = list(Path(cache, "tokenizers").glob("*.json"))
+        tokenizer = BPETokenizer.load(tokenizer_files[0])
+    first = runs["first run"]
+    encode_rate = first["characters"] / first["encode_seconds"]
+    # the cores' limit: one thread of tiktoken on the same kind of bytes, times the cores
+    sample = "".join(text for text, _ in itertools.islice(corpus.pieces(), 15))
+    encoding = tiktoken.Encoding("bench", pat_str=tokenizer.pattern, mergeable_ranks=tokenizer.ranks,
+                                 special_tokens=tokenizer.special_tokens)
+    start = time.perf_counter()
+    encoding.encode_ordinary(sample)
+    one_thread = len(sample) / (time.perf_counter() - start)
+    limit = one_thread * (os.cpu_count() or 1)
+    print(f"encoding: {encode_rate / 1e6:.1f} MB/s with {first['workers']} processes; one thread of tiktoken "
+          f"{one_thread / 1e6:.1f} MB/s on {len(sample) / 1e6:.0f} MB, so the cores' limit is {limit / 1e6:.1f} MB/s: "
+          f"{100 * encode_rate / limit:.0f}% of it")
+    scale = 10e9 / first["characters"]
+    other = first["seconds"] - first["encode_seconds"] - first["tokenizer_seconds"]
+    print(f"10 GB, extrapolated: tokenizer {first['tokenizer_seconds']:.0f} s (the same 100 MB sample) + encoding "
+          f"{first['encode_seconds'] * scale / 60:.0f} min at {encode_rate / 1e6:.1f} MB/s + the rest "
+          f"{other * scale:.0f} s; {first['tokens'] * scale / 1e9:.1f}B tokens, "
+          f"{2 * first['tokens'] * scale / 1e9:.0f} GB of uint16 on disk; peak RSS as measured (it does not grow "
+          f"with the corpus: pieces of 4M characters)")
+
+
 CHAPTERS = ["01_hello_pytorch", "02_attention", "03_transformer", "04_bert", "05_gpt", "06_t5", "07_peft"]
 
 
@@ -308,7 +420,7 @@ def bench_gpu():
         sys.exit(1)
 
 
-BENCHMARKS = ("tokenizer", "gpt", "generate", "modern", "hf", "chapters")
+BENCHMARKS = ("tokenizer", "gpt", "generate", "modern", "hf", "chapters", "data")
 
 
 def main():
@@ -318,6 +430,8 @@ def main():
                         help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per model")
     parser.add_argument("--compile", action="store_true", help="modern: also time both models torch.compiled")
+    parser.add_argument("--corpus_mb", type=float, default=400, help="data: the size of the text folder")
+    parser.add_argument("--data_dir", default="/tmp/llmfs-bench", help="data: where the text folder is made (kept)")
     parser.add_argument("--gpu", action="store_true", help="run the GPU check instead (see above)")
     args = parser.parse_args()
     if args.gpu:
@@ -335,6 +449,8 @@ def main():
         bench_vs_transformers(args.iters)
     if "chapters" in args.only:
         bench_chapters(args.iters)
+    if "data" in args.only:
+        bench_data(args.corpus_mb, args.data_dir)
 
 
 if __name__ == "__main__":

@@ -1203,3 +1203,24 @@ def test_ablation_stage_trains_each_row_with_one_more_change(train, cache, tmp_p
     again = train.main([*args, "--resume"])
     assert {name: row["val_loss"] for name, row in again["ablation"].items()} == \
         {name: row["val_loss"] for name, row in rows.items()}
+
+
+def test_pretraining_reads_a_folder_of_compressed_text_and_jsonl(train, cache, tmp_path):
+    """--data a folder holding a .txt.gz and a .jsonl.gz (its text in the field --text_field names) pretrains:
+    documents streamed, joined by <|endoftext|>, the checkpoint recording the corpus's fingerprint."""
+    import gzip
+    documents = train.data.corpus_documents("pydocs")[:400]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    with gzip.open(folder / "a.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("\n\n".join(documents[:200]))
+    with gzip.open(folder / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"body": d}) + "\n" for d in documents[200:])
+    args = ["--preset", "tiny", "--device", "cpu", "--stage", "pretrain", "--data", str(folder), "--out_dir",
+            str(tmp_path / "out")]
+    report = train.main([*args, "--text_field", "body"])
+    assert report["pretrain"]["val_loss"] < math.log(300)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["corpus_fingerprint"] == train.data.Corpus(folder, "body").fingerprint
+    with pytest.raises(SystemExit):
+        train.run_main(train.main, [*args, "--out_dir", str(tmp_path / "other")])   # rows without a "text" field
