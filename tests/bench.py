@@ -11,6 +11,9 @@
     modern      a training step of the modern decoder (RMSNorm, RoPE, SwiGLU, 2 of 4 KV heads, no biases) beside
                 GPT-2's at the gpt benchmark's shape, per parameter-FLOP (6 N + 12 L H Q T per token): eager,
                 and with --compile also torch.compiled (needs a C++ compiler; about a minute to compile)
+    ablation    training tokens/s of each row of 05's --stage ablation (GPT-2 -> + RMSNorm -> + RoPE -> + SwiGLU
+                -> + GQA -> + QK-norm) at the default config (4 layers, 192 wide, context 128, batch 16), the six
+                models timed side by side in one process, step for step alternating
     hf          greedy generation with the KV cache, 256 tokens after 16, on the same small Llama (the modern
                 decoder saved with save_pretrained, loaded by transformers): ours vs transformers' generate,
                 identical tokens asserted (needs transformers)
@@ -177,6 +180,26 @@ def bench_modern(iters, compile_too):
                   f"{model.num_flops_per_token() / 1e6:5.1f} MFLOPs/token  {seconds[name] * 1000:6.1f} ms/step")
         print(f"{'compiled' if compiled else 'eager':<9} time per FLOP, modern / GPT-2: "
               f"{per_flop['modern'] / per_flop['GPT-2']:.3f}")
+
+
+def bench_ablation(iters):
+    """Training steps of the ablation's six architectures, alternating (the losses come from --stage ablation)."""
+    train = load_module(REPO_ROOT / "05_gpt" / "train.py")
+    cfg = train.Config()
+    x, y = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size)), torch.randint(
+        0, cfg.vocab_size, (cfg.batch_size, cfg.block_size))
+    models, steps = {}, {}
+    for name, switches in train.ablation_rows(cfg):
+        torch.manual_seed(0)
+        model = train.GPT(train.model_config_for(cfg, cfg.vocab_size, **switches))
+        models[name] = model
+        steps[name] = make_train_step(model, lambda model=model: model(x, y)[1], model.configure_optimizers(
+            cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), "cpu"))
+    print(f"\n== ablation rows: training step, {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, context "
+          f"{cfg.block_size}, batch {cfg.batch_size}, vocab {cfg.vocab_size}, float32, eager ==")
+    for name, seconds in time_steps(steps, iters).items():
+        print(f"{name:<26} {models[name].num_parameters():>9,} parameters {seconds * 1000:7.1f} ms/step "
+              f"{cfg.batch_size * cfg.block_size / seconds:8,.0f} tok/s")
 
 
 def bench_vs_transformers(iters):
@@ -420,7 +443,7 @@ def bench_gpu():
         sys.exit(1)
 
 
-BENCHMARKS = ("tokenizer", "gpt", "generate", "modern", "hf", "chapters", "data")
+BENCHMARKS = ("tokenizer", "gpt", "generate", "modern", "ablation", "hf", "chapters", "data")
 
 
 def main():
@@ -445,6 +468,8 @@ def main():
         bench_generate()
     if "modern" in args.only:
         bench_modern(args.iters, args.compile)
+    if "ablation" in args.only:
+        bench_ablation(args.iters)
     if "hf" in args.only:
         bench_vs_transformers(args.iters)
     if "chapters" in args.only:
