@@ -15,23 +15,36 @@ Two things make a real tokenizer out of that loop:
    re-counting the whole corpus after every merge. Encoding goes through a `tiktoken.Encoding` built
    from our own ranks (no download); `encode_reference` is the same algorithm in readable Python.
 
+Training at scale. The merges learned from a sample are those of the whole corpus but for noise in the
+rare ones, so a corpus of many GB trains its tokenizer on ~100 MB of it, passed as a generator of pieces
+of a few MB. Memory holds one piece's chunks and the Counter of unique chunks (~260k in 100 MB of Python
+sources); the merges need ~0.8 KB per unique chunk, so past `max_unique_chunks` the rarest are dropped
+first. The counting can run in worker processes (`workers`), and `load_or_train(key=...)` finds the
+trained file again by a name the caller gives the sample: a restart reads no corpus.
+
 Token ids are ranks: ids 0..255 are the single bytes, 256.. the merges in the order they were learned,
 and the special tokens (e.g. "<|endoftext|>") take the last ids. Encoding a chunk repeatedly merges the
 adjacent pair whose concatenated bytes have the lowest rank, exactly as tiktoken does.
 """
 
 import base64
+import contextlib
 import hashlib
 import heapq
 import json
+import multiprocessing
+import os
+import sys
 import time
+import types
 import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 
 import regex
 import tiktoken
 
+from common import _bpe_count
 from common.checkpoint import atomic_write_text, cache_dir
 
 # GPT-2's split pattern (tiktoken's r50k_base) and GPT-4's (cl100k_base). The second keeps digits in
@@ -86,6 +99,169 @@ def merge_pair(ids, pair, new_id):
             merged.append(ids[i])
             i += 1
     return merged
+
+
+# ------------------------------------------------------------------------------- training at scale
+PROGRESS_SECONDS = 2.0       # train(log=...) reports at most this often
+MAX_UNIQUE_CHUNKS = 400_000  # train merges at most this many unique chunks (~0.8 KB each, see drop_rare_chunks)
+BATCH_BYTES = 1 << 20        # texts travel to the counting workers in batches of at least this many bytes
+
+
+def counting_workers():
+    """The `workers` a caller should count with: one per core but one, at most 8 (so 1 on 2 cores).
+
+    Measured on 50 MB of Python sources: one process counts at ~7 MB/s (6.7 s of CPU). Two workers spend
+    6.6 s between them and the parent 0.7 s adding up their Counters (~70 MB/s: about 8 workers keep it
+    busy). On a 2-core machine that other jobs share, two workers were not reliably faster than one
+    (18-29 s against 17-35 s wall), hence the core left to the parent and to everything else.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores - 1))
+
+
+def utf8_size(text):
+    """len(text.encode("utf-8")), without encoding an ASCII text (str.isascii() is a flag, not a scan)."""
+    if not isinstance(text, str):
+        raise TypeError(f"a tokenizer trains on str texts, got a {type(text).__name__}")
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def count_chunks(texts, pattern, special_tokens=(), workers=1, log=None, total_bytes=None):
+    """Step 1 of `BPETokenizer.train`: a Counter {chunk: how often it occurs} over `texts` (a str or an
+    iterable of str, read once, piece by piece), in the order the chunks first occur.
+
+    `log` gets a line every PROGRESS_SECONDS: 'tokenizer: counted 42.0/100.0 MB of text (9.1 MB/s),
+    1,234,567 unique chunks' (the total only when `total_bytes` is given). With `workers` > 1, batches
+    of consecutive texts are counted in that many processes and their Counters added up here in the
+    order of the texts: the same Counter, key order included, as one process makes. A single str is one
+    piece, counted in this process: a chunk may straddle any cut, so only the caller knows where to cut.
+    Memory: the regex's list of one piece's chunks (~60 bytes a chunk, 1M chunks in 4 MB) plus the
+    Counter; keep the pieces to a few MB.
+    """
+    if isinstance(texts, str):
+        texts, workers = [texts], 1
+    counts = Counter()
+    counted, started = 0, time.perf_counter()
+    reported = started
+
+    def report(final=False):
+        seconds = time.perf_counter() - started
+        of_total = f"/{total_bytes / 1e6:.1f}" if total_bytes else ""
+        log(f"tokenizer: counted {counted / 1e6:.1f}{of_total} MB of text "
+            f"{f'in {seconds:.1f} s ' if final else ''}({counted / 1e6 / max(seconds, 1e-9):.1f} MB/s), "
+            f"{len(counts):,} unique chunks")
+
+    def counted_sizes():                         # the bytes of each piece, once its chunks are in `counts`
+        if workers <= 1:
+            splits = _bpe_count.compile_splits(pattern, special_tokens)
+            for text in texts:
+                size = utf8_size(text)
+                _bpe_count.add_chunk_counts([text], *splits, counts)
+                yield size
+        else:
+            for batch_counts, size in counts_from_workers(texts, pattern, special_tokens, workers):
+                counts.update(batch_counts)
+                yield size
+
+    for size in counted_sizes():
+        counted += size
+        if log and time.perf_counter() - reported >= PROGRESS_SECONDS:
+            reported = time.perf_counter()
+            report()
+    if log and reported > started:
+        report(final=True)
+    return counts
+
+
+def counts_from_workers(texts, pattern, special_tokens, workers):
+    """Yield (Counter, bytes) for consecutive batches of `texts`, in order, each counted by one of `workers`
+    processes of a spawn pool. At most two batches per worker are in flight: a generator of pieces is read
+    as fast as they are counted, never all at once.
+
+    spawn, not fork: the parent has torch loaded and its OpenMP threads running, and a forked child
+    inherits their locks in whatever state they were. The workers import common/_bpe_count.py only.
+    """
+    _bpe_count.compile_splits(pattern, special_tokens)      # a bad pattern fails here, not in each worker
+    context = multiprocessing.get_context("spawn")
+    with main_module_hidden():
+        pool = context.Pool(workers, _bpe_count.start_worker, (pattern, tuple(special_tokens)))
+    with pool:                                   # terminates the workers on the way out, error or not
+        pending = deque()
+        for batch, size in batches(texts, BATCH_BYTES):
+            pending.append((pool.apply_async(_bpe_count.count_in_worker, (batch,)), size))
+            if len(pending) >= 2 * workers:
+                result, size = pending.popleft()
+                yield result.get(), size
+        while pending:
+            result, size = pending.popleft()
+            yield result.get(), size
+
+
+def batches(texts, min_bytes):
+    """Consecutive texts grouped into lists of at least `min_bytes` UTF-8 bytes (the last one may have
+    fewer), each with its size.
+
+    >>> list(batches(["ab", "c", "déf", "g"], 3))
+    [(['ab', 'c'], 3), (['déf'], 4), (['g'], 1)]
+    """
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += utf8_size(text)
+        if size >= min_bytes:
+            yield batch, size
+            batch, size = [], 0
+    if batch:
+        yield batch, size
+
+
+@contextlib.contextmanager
+def main_module_hidden():
+    """Start spawned processes without the parent's main script.
+
+    A spawn (or forkserver) child first re-runs the parent's `__main__` file as `__mp_main__`, so that
+    functions defined there unpickle: for a chapter's train.py that means importing torch and the model
+    (~500 MB and seconds per worker) only to count chunks. The workers need nothing from it, so the
+    processes start while `__main__` is an empty module, which tells them to skip it.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def drop_rare_chunks(chunk_counts, max_unique_chunks, log=None):
+    """Bound the memory of the merges: keep in `chunk_counts` (in place) only the chunks seen at least
+    `min_count` times, the smallest threshold that leaves at most `max_unique_chunks`; return `min_count`.
+
+    An approximation: the dropped chunks are the rarest (seen once, then twice...), mostly names,
+    numbers and typos, which would have added little to any pair's count. Whole count levels go
+    together, so the result does not depend on the order of the text. The merges are then exact on
+    what is left.
+
+    >>> counts = Counter({"the": 5, "cat": 2, "sat": 2, "qz": 1, "xy": 1})
+    >>> drop_rare_chunks(counts, 3), counts
+    (2, Counter({'the': 5, 'cat': 2, 'sat': 2}))
+    """
+    chunks_seen = Counter(chunk_counts.values())  # count -> how many chunks were seen exactly that often
+    kept, min_count = len(chunk_counts), 1
+    for count in sorted(chunks_seen):
+        if kept <= max_unique_chunks:
+            break
+        kept -= chunks_seen[count]
+        min_count = count + 1
+    dropped = [chunk for chunk, count in chunk_counts.items() if count < min_count]
+    dropped_occurrences = sum(chunk_counts[chunk] for chunk in dropped)
+    total = sum(chunk_counts.values())
+    for chunk in dropped:
+        del chunk_counts[chunk]
+    if log:
+        log(f"tokenizer: {len(chunk_counts) + len(dropped):,} unique chunks > max_unique_chunks="
+            f"{max_unique_chunks:,}: dropped the {len(dropped):,} seen fewer than {min_count} times "
+            f"({dropped_occurrences / max(total, 1):.2%} of the text's chunks); merging the other {len(chunk_counts):,}")
+    return min_count
 
 
 def read_json(path, what):
@@ -151,49 +327,64 @@ class BPETokenizer:
 
     # ------------------------------------------------------------------------------------------ training
     @classmethod
-    def train(cls, text, vocab_size, special_tokens=(), pattern=GPT4_SPLIT_PATTERN, verbose=False, name="bpe"):
+    def train(cls, text, vocab_size, special_tokens=(), pattern=GPT4_SPLIT_PATTERN, verbose=False, name="bpe",
+              log=None, workers=1, total_bytes=None, max_unique_chunks=MAX_UNIQUE_CHUNKS):
         """Learn `vocab_size - 256 - len(special_tokens)` merges from `text` (a str or an iterable of str).
 
         Ties between pairs with the same count go to the smallest pair of ids, (a, b) before (a, c)
         before (b, a): the heap orders entries by (-count, a, b), so training is deterministic.
         Special-token strings found in the text are cut out before counting: they are never learned
         as ordinary bytes.
+
+        At scale (see `count_chunks`): `log` (print, say) reports the counting every PROGRESS_SECONDS
+        ("counted 42.0/100.0 MB of text", out of `total_bytes` when given), then each tenth of the
+        merges, when training takes that long; `workers` > 1 counts the pieces of an iterable in that
+        many processes, with the same result. The memory of training grows with the number of unique
+        chunks (~0.8 KB each, measured: 263k of Python sources 180 MB, 540k made-up words 410 MB); past
+        `max_unique_chunks` the rarest are dropped (`drop_rare_chunks`, which logs it), an approximation
+        that changes only the statistics of rare chunks. Up to the bound the merges are exact.
         """
         num_merges = vocab_size - 256 - len(special_tokens)
         if num_merges < 0:
             raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(special_tokens)} special tokens")
         if len(set(special_tokens)) != len(special_tokens):
             raise ValueError(f"duplicate special tokens in {special_tokens}")
+        log = log or (print if verbose else None)
 
         # 1. Pre-tokenize and count each unique chunk once: a 1 MB text has ~250k chunks but ~25k unique.
-        split = regex.compile(pattern)
-        special_split = regex.compile("|".join(regex.escape(s) for s in special_tokens)) if special_tokens else None
-        chunk_counts = Counter()
-        for piece in [text] if isinstance(text, str) else text:
-            for part in special_split.split(piece) if special_split else [piece]:
-                chunk_counts.update(split.findall(part))
+        chunk_counts = count_chunks(text, pattern, special_tokens, workers=workers, log=log, total_bytes=total_bytes)
+        if len(chunk_counts) > max_unique_chunks:
+            drop_rare_chunks(chunk_counts, max_unique_chunks, log=log)
         words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]    # each chunk as byte ids
         freqs = list(chunk_counts.values())
+        del chunk_counts
 
-        # 2. Pair counts over all chunks, and for each pair the chunks where it occurs.
+        # 2. Pair counts over all chunks, and for each pair the chunks where it occurs. `where` may also
+        #    list chunks that lost the pair since, or list one twice: a merge skips those.
         pair_counts = Counter()
-        where = defaultdict(set)
+        where = defaultdict(list)
         for index, (word, freq) in enumerate(zip(words, freqs)):
-            for pair in zip(word, word[1:]):
-                pair_counts[pair] += freq
-                where[pair].add(index)
+            for pair, n in Counter(zip(word, word[1:])).items():
+                pair_counts[pair] += n * freq
+                where[pair].append(index)
         heap = [(-count, pair) for pair, count in pair_counts.items()]
         heapq.heapify(heap)
 
         # 3. Merge the best pair, update only the chunks that contain it, repeat.
         ranks = {bytes([b]): b for b in range(256)}
         id_to_bytes = {b: bytes([b]) for b in range(256)}
-        report_every = max(1, num_merges // 10)
-        merges_done = 0
+        started, reported = time.perf_counter(), False        # (a training quicker than PROGRESS_SECONDS
+        merges_done = 0                                        # logs no merge, and no summary)
         while merges_done < num_merges and heap:
             neg_count, pair = heapq.heappop(heap)
-            if pair_counts.get(pair, 0) != -neg_count:
-                continue                      # a stale entry: the pair's current count was pushed since
+            count = pair_counts.get(pair, 0)
+            if count != -neg_count:
+                # A count that fell since this entry was pushed: put the pair back with its count. (A count
+                # that rises is pushed at once, so no entry is ever below its pair's count, and the entry
+                # that comes out with its true count is the best pair.)
+                if count:
+                    heapq.heappush(heap, (-count, pair))
+                continue
             token = id_to_bytes[pair[0]] + id_to_bytes[pair[1]]
             if token in ranks:
                 # The same bytes were already made by another pair, e.g. (ab, c) after (a, bc). Reuse that
@@ -204,31 +395,35 @@ class BPETokenizer:
                 ranks[token] = new_id
                 id_to_bytes[new_id] = token
                 merges_done += 1
-                if verbose and merges_done % report_every == 0:
-                    print(f"  bpe merge {merges_done}/{num_merges}: {token!r} (count {-neg_count})", flush=True)
-            changed = set()
-            for index in where.pop(pair, ()):
+                elapsed = time.perf_counter() - started
+                if log and merges_done % max(1, num_merges // 10) == 0 and elapsed >= PROGRESS_SECONDS:
+                    log(f"tokenizer: merge {merges_done:,}/{num_merges:,} after {elapsed:.1f} s: {token!r} "
+                        f"(count {count:,})")
+                    reported = True
+            risen = set()
+            for index in dict.fromkeys(where.pop(pair, ())):      # each chunk once, in a fixed order
                 word = words[index]
-                if len(word) < 2:
-                    continue
                 merged = merge_pair(word, pair, new_id)
                 if len(merged) == len(word):
                     continue                  # the pair no longer occurs here (a stale index)
-                freq = freqs[index]
-                for old in zip(word, word[1:]):
-                    pair_counts[old] -= freq
-                    changed.add(old)
-                for new in zip(merged, merged[1:]):
-                    pair_counts[new] += freq
-                    where[new].add(index)
-                    changed.add(new)
+                # Only the pairs around the merged places change: (x, a) (a, b) (b, y) -> (x, ab) (ab, y).
+                delta = Counter(zip(merged, merged[1:]))
+                delta.subtract(zip(word, word[1:]))
+                for changed_pair, n in delta.items():
+                    if n > 0:
+                        pair_counts[changed_pair] += n * freqs[index]
+                        where[changed_pair].append(index)
+                        risen.add(changed_pair)
+                    elif n < 0:
+                        pair_counts[changed_pair] += n * freqs[index]
+                        if not pair_counts[changed_pair]:
+                            del pair_counts[changed_pair]
+                            where.pop(changed_pair, None)    # no chunk holds it any more
                 words[index] = merged
-            for changed_pair in changed:
-                count = pair_counts[changed_pair]
-                if count > 0:
-                    heapq.heappush(heap, (-count, changed_pair))
-                else:
-                    del pair_counts[changed_pair]
+            for risen_pair in risen:
+                heapq.heappush(heap, (-pair_counts[risen_pair], risen_pair))
+        if reported:
+            log(f"tokenizer: {merges_done:,} merges in {time.perf_counter() - started:.1f} s")
 
         specials = {s: len(ranks) + i for i, s in enumerate(special_tokens)}
         return cls(ranks, pattern=pattern, special_tokens=specials, name=name)
@@ -460,7 +655,7 @@ class BPETokenizer:
 
     @classmethod
     def load_or_train(cls, documents, vocab_size, special_tokens=(), pattern=GPT4_SPLIT_PATTERN, name="bpe",
-                      folder=None, runtime=None, log=print):
+                      folder=None, runtime=None, log=print, key=None, workers=1, total_bytes=None):
         """The tokenizer trained on `documents` (a str or a list of str), trained once and then loaded.
 
         The file is keyed by everything that decides the merges: the documents' content, the vocabulary
@@ -468,11 +663,23 @@ class BPETokenizer:
         tokenizer, and nothing is ever overwritten: another key is another file, in `folder` (default:
         the cache folder's tokenizers/). Under DDP (`runtime` given) rank 0 trains while the other ranks
         wait at a barrier, then read rank 0's file.
+
+        For a corpus too big to read at every start, the caller names the content itself: with `key` (a
+        string, e.g. the corpus's fingerprint and the size of the sample trained on) the file is keyed
+        by `key` instead of the content, and `documents` may be a function of no arguments that returns
+        the texts (a generator of pieces of the sample, say), called only when the file must be trained:
+        a warm start reads no corpus. The key must then change whenever the texts would. `log`, `workers`
+        and `total_bytes` go to `train`.
         """
-        documents = [documents] if isinstance(documents, str) else list(documents)
-        key = hashlib.sha256(json.dumps([FORMAT_VERSION, vocab_size, list(special_tokens), pattern,
-                                         documents_sha256(documents)]).encode("utf-8")).hexdigest()[:16]
-        path = Path(folder or cache_dir() / "tokenizers") / f"{name}-{vocab_size}-{key}.json"
+        if key is None:
+            documents = documents() if callable(documents) else documents
+            documents = [documents] if isinstance(documents, str) else list(documents)
+            content = [documents_sha256(documents)]
+        else:
+            content = ["key", key]           # a list of another length: never the name of a content digest
+        digest = hashlib.sha256(json.dumps([FORMAT_VERSION, vocab_size, list(special_tokens), pattern, *content])
+                                .encode("utf-8")).hexdigest()[:16]
+        path = Path(folder or cache_dir() / "tokenizers") / f"{name}-{vocab_size}-{digest}.json"
         is_main = runtime is None or runtime.is_main
         tokenizer = None
         if is_main and path.exists():
@@ -482,7 +689,9 @@ class BPETokenizer:
                 log(f"  {path} is unreadable; training the tokenizer again")
         if is_main and tokenizer is None:
             started = time.perf_counter()
-            tokenizer = cls.train(documents, vocab_size, special_tokens=special_tokens, pattern=pattern, name=name)
+            texts = documents() if callable(documents) else documents
+            tokenizer = cls.train(texts, vocab_size, special_tokens=special_tokens, pattern=pattern, name=name,
+                                  log=log, workers=workers, total_bytes=total_bytes)
             tokenizer.save(path)
             log(f"  trained a {tokenizer.vocab_size}-token BPE tokenizer in {time.perf_counter() - started:.1f}s -> {path}")
         if runtime is not None:

@@ -3,9 +3,11 @@ training equal to the naive algorithm, special tokens, files, and pretrained-voc
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import regex
 import tiktoken
 from conftest import reference
 
@@ -197,6 +199,169 @@ def test_load_or_train_defaults_to_the_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMFS_CACHE", "")                # empty means unset, everywhere
     from common.checkpoint import cache_dir
     assert cache_dir() == Path.home() / ".cache" / "llm-from-scratch"
+
+
+# ------------------------------------------------------------------------------- training at scale
+def pieces_of(text, size):
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def test_training_with_two_workers_equals_one_process(text, monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "BATCH_BYTES", 4_000)     # several batches, both workers busy
+    pieces = pieces_of(text[:60_000], 2_500)
+    pieces[3] += EOT                                                 # cut out in a worker too
+    one = tokenizer_module.count_chunks(pieces, GPT2_SPLIT_PATTERN, (EOT,))
+    two = tokenizer_module.count_chunks(pieces, GPT2_SPLIT_PATTERN, (EOT,), workers=2)
+    assert list(two.items()) == list(one.items())                   # the same counts, in the same order
+    assert not any("endoftext" in chunk for chunk in one)
+    merged_here = BPETokenizer.train(pieces, 400, special_tokens=(EOT,))
+    merged_there = BPETokenizer.train(iter(pieces), 400, special_tokens=(EOT,), workers=2)
+    assert merged_there.ranks == merged_here.ranks
+
+
+def test_training_on_a_generator_equals_training_on_a_list(text):
+    documents = pieces_of(text[:16_000], 2_000)
+    from_list = BPETokenizer.train(documents, 330, special_tokens=(EOT,))
+    from_generator = BPETokenizer.train((d for d in documents), 330, special_tokens=(EOT,))
+    assert from_generator.ranks == from_list.ranks
+    assert from_list.ranks == BPETokenizer.train_reference(documents, 330, special_tokens=(EOT,)).ranks
+
+
+def test_training_errors_reach_the_caller_with_workers_too():
+    def failing():
+        yield "some text " * 100
+        raise OSError("corpus file vanished")
+
+    for workers in (1, 2):
+        with pytest.raises(OSError, match="vanished"):
+            BPETokenizer.train(failing(), 300, workers=workers)
+        with pytest.raises(TypeError, match="trains on str texts, got a bytes"):
+            BPETokenizer.train(["fine text", b"bytes"], 300, workers=workers)
+        with pytest.raises(regex.error):                                     # raised once, not in each worker
+            BPETokenizer.train(["fine text"], 300, pattern="(unclosed", workers=workers)
+
+
+def test_counting_workers_leave_a_core_to_the_parent(monkeypatch):
+    for cores, workers in ((1, 1), (2, 1), (4, 3), (16, 8)):
+        monkeypatch.setattr(tokenizer_module.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+        assert tokenizer_module.counting_workers() == workers
+
+
+def test_workers_import_neither_torch_nor_the_callers_script(tmp_path, text):
+    """A spawned worker would re-run the caller's main script (a train.py importing torch) before its
+    first task; it runs common/_bpe_count.py only, which imports no torch."""
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+    probe = subprocess.run([sys.executable, "-c", "import sys, common._bpe_count; print(sorted(sys.modules))"],
+                           cwd=repo, capture_output=True, text=True, check=True)
+    assert "'torch'" not in probe.stdout and "'common.tokenizer'" not in probe.stdout
+    runs, script, sample = tmp_path / "runs.txt", tmp_path / "script.py", tmp_path / "sample.txt"
+    sample.write_text(text[:8_000])
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(repo)!r})\n"
+        f"with open({str(runs)!r}, 'a') as f:\n    f.write(__name__ + '\\n')\n"
+        "from common import tokenizer\n"
+        "if __name__ == '__main__':\n"
+        "    tokenizer.BATCH_BYTES = 1000\n"
+        f"    text = open({str(sample)!r}).read()\n"
+        "    pieces = [text[i:i + 1000] for i in range(0, len(text), 1000)]\n"
+        "    print(tokenizer.BPETokenizer.train(pieces, 300, workers=2).fingerprint)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert runs.read_text() == "__main__\n"                         # the workers did not run it again
+    assert result.stdout.strip() == BPETokenizer.train(pieces_of(text[:8_000], 1000), 300).fingerprint
+
+
+def test_training_reports_progress_only_when_asked(text, monkeypatch, capsys):
+    monkeypatch.setattr(tokenizer_module, "PROGRESS_SECONDS", 0.0)   # report at every chance
+    pieces = [text[:100_000]] * 5                                    # 0.5 MB, quick to count: five times the same
+    unique = len(tokenizer_module.count_chunks(pieces[0], tokenizer_module.GPT4_SPLIT_PATTERN))
+    BPETokenizer.train(pieces, 300)
+    assert capsys.readouterr().out == ""                            # silent without log
+    lines = []
+    BPETokenizer.train(pieces, 300, log=lines.append, total_bytes=500_000)
+    counted = [line for line in lines if line.startswith("tokenizer: counted ")]
+    assert len(counted) == len(pieces) + 1                          # one a piece, then the total
+    assert counted[0].startswith("tokenizer: counted 0.1/0.5 MB of text (") and " MB/s), " in counted[0]
+    assert counted[-1].startswith("tokenizer: counted 0.5/0.5 MB of text in ")
+    assert counted[-1].endswith(f"MB/s), {unique:,} unique chunks")
+    merges = [line for line in lines if line.startswith("tokenizer: merge ")]
+    assert [line.split()[2] for line in merges] == [f"{n}/44" for n in range(4, 45, 4)]
+    assert lines[-1].startswith("tokenizer: 44 merges in ")
+    with_workers = []
+    BPETokenizer.train(pieces, 300, log=with_workers.append, workers=2)
+    assert [line for line in with_workers if "counted" in line][-1].startswith("tokenizer: counted 0.5 MB of text in ")
+    monkeypatch.setattr(tokenizer_module, "PROGRESS_SECONDS", 60.0)  # a quick training says nothing
+    quiet = []
+    BPETokenizer.train(pieces, 300, log=quiet.append)
+    assert quiet == []
+
+
+def test_drop_rare_chunks_keeps_whole_count_levels():
+    counts = Counter({"the": 9, " cat": 3, " sat": 3, " on": 2, " mat": 2, "qz": 1, "xv": 1, "jj": 1})
+    lines = []
+    assert tokenizer_module.drop_rare_chunks(counts, 5, log=lines.append) == 2
+    assert list(counts) == ["the", " cat", " sat", " on", " mat"]
+    assert "8 unique chunks > max_unique_chunks=5: dropped the 3 seen fewer than 2 times (13.64% of" in lines[0]
+    counts = Counter({"a": 3, "b": 2, "c": 2, "d": 1})
+    assert tokenizer_module.drop_rare_chunks(counts, 2) == 3                # b and c go together
+    assert counts == {"a": 3}
+
+
+def test_training_is_exact_up_to_max_unique_chunks_and_says_when_it_drops(text):
+    small = text[:20_000]
+    unique = len(tokenizer_module.count_chunks(small, tokenizer_module.GPT4_SPLIT_PATTERN))
+    exact = BPETokenizer.train_reference(small, 300)
+    lines = []
+    at_the_bound = BPETokenizer.train(small, 300, max_unique_chunks=unique, log=lines.append)
+    assert at_the_bound.ranks == exact.ranks and lines == []
+    bounded = BPETokenizer.train(small, 300, max_unique_chunks=unique // 4, log=lines.append)
+    assert lines and "dropped the" in lines[0] and f"> max_unique_chunks={unique // 4:,}" in lines[0]
+    kept = int(lines[0].split("merging the other ")[1].replace(",", ""))
+    assert kept <= unique // 4
+    assert bounded.vocab_size == 300 and bounded.ranks != exact.ranks     # an approximation, still a tokenizer
+    assert bounded.decode(bounded.encode(small[:2000])) == small[:2000]
+
+
+def test_load_or_train_with_a_key_reads_no_corpus_on_a_warm_start(tmp_path, text):
+    calls = []
+
+    def documents():
+        calls.append(1)
+        return (piece for piece in pieces_of(text[:20_000], 4_000))
+
+    def no_documents():
+        raise AssertionError("a warm start must not read the corpus")
+
+    messages = []
+    first = BPETokenizer.load_or_train(documents, 300, (EOT,), folder=tmp_path, log=messages.append,
+                                       key="corpus-abc/sample-20000", workers=2)
+    assert calls == [1] and first.ranks == BPETokenizer.train(pieces_of(text[:20_000], 4_000), 300, (EOT,)).ranks
+    again = BPETokenizer.load_or_train(no_documents, 300, (EOT,), folder=tmp_path, log=messages.append,
+                                       key="corpus-abc/sample-20000")
+    assert again.fingerprint == first.fingerprint and len(messages) == 1
+
+    class OtherRank:
+        is_main = False
+
+        def barrier(self):
+            pass
+
+    on_rank_1 = BPETokenizer.load_or_train(no_documents, 300, (EOT,), folder=tmp_path, runtime=OtherRank(),
+                                           key="corpus-abc/sample-20000")
+    assert on_rank_1.fingerprint == first.fingerprint
+    # Another key, or the content-keyed file of the very same texts, is another file.
+    BPETokenizer.load_or_train(documents, 300, (EOT,), folder=tmp_path, log=messages.append, key="corpus-abc/sample-1")
+    BPETokenizer.load_or_train(documents, 300, (EOT,), folder=tmp_path, log=messages.append)
+    assert calls == [1, 1, 1] and len(list(tmp_path.iterdir())) == 3
+
+
+def test_load_or_train_without_a_key_keeps_its_file_names(tmp_path):
+    """Tokenizers cached before keys existed are found again: the content key is unchanged."""
+    BPETokenizer.load_or_train(["hello hello world " * 20, "and more"], 270, (EOT,), folder=tmp_path,
+                               log=lambda *a: None)
+    assert [p.name for p in tmp_path.iterdir()] == ["bpe-270-73103de492b7db2e.json"]
 
 
 @pytest.mark.parametrize("content, message", [
