@@ -49,8 +49,11 @@ EOT = "<|endoftext|>"
 @dataclass
 class Config:
     # data
-    data: str = "pydocs"            # pretraining corpus: pydocs (its docstrings: the topics are kept for finetuning), shakespeare, wikitext-2, a .txt file or a folder
-    task: str = "topics"            # finetuning domain: "topics" (the pydoc_data language reference pages) or a .txt file or folder of your own
+    data: str = "pydocs"            # pydocs (its docstrings) | shakespeare | wikitext-2 | tinystories | c4[:N] | file (.txt .txt.gz .jsonl .jsonl.gz) | folder
+    task: str = "topics"            # finetuning domain: "topics" (pydoc_data's language reference pages), or a file or folder as for --data
+    text_field: str = "text"        # the field of a .jsonl corpus's rows that holds the text (--data and --task)
+    tokenizer_sample_mb: float = 100  # the BPE is trained on this many MB of --data, spread over the corpus (pydocs: all of it)
+    rebuild_cache: bool = False     # encode the corpora again (after an edit their fingerprint cannot see)
     vocab_size: int = 1024          # BPE vocabulary: 256 bytes + merges + 1 special token
     # model
     context_size: int = 4           # k: the model predicts a token from the k tokens before it
@@ -148,6 +151,8 @@ def check_config(cfg):
     for name in ("min_lr", "weight_decay", "grad_clip", "temperature"):
         if not getattr(cfg, name) >= 0:
             raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
+    if not cfg.tokenizer_sample_mb > 0:
+        raise UserError(f"--tokenizer_sample_mb must be positive, got {cfg.tokenizer_sample_mb}")
     if cfg.vocab_size < 257:
         raise UserError(f"--vocab_size must be at least 257 (256 byte tokens + {EOT}), got {cfg.vocab_size}")
     lr_factors(cfg)
@@ -184,13 +189,21 @@ def load_run(path, what):
     return ckpt_path, ckpt, tokenizer
 
 
-def encode_corpus(name, text, tokenizer, cfg, log):
-    """The text encoded once into train and val token files (common.data.TokenCache, in the cache folder)."""
-    tokens = data.TokenCache([text], tokenizer)
+def pydocs_part(name):
+    """One half of the pydocs corpus as a list of documents: "docstrings" (the train docstrings only) or
+    "topics" (the language reference pages). (data.pydocs_parts() gives each half joined into one string;
+    as a list, each document ends with the end-of-text token in the token stream, as in a corpus of files.)"""
+    return data._pydocs()[name]
+
+
+def encode_corpus(name, corpus, tokenizer, cfg, rt):
+    """The corpus encoded once into train and val token files (common.data.TokenCache, in the cache folder),
+    its documents joined by the end-of-text token."""
+    tokens = data.TokenCache(corpus, tokenizer, runtime=rt, log=rt.log, rebuild=cfg.rebuild_cache)
     if tokens.num_tokens("val") <= cfg.block_size:
         raise UserError(f"{name}: {tokens.num_tokens('val')} validation tokens is too few for "
                         f"block_size={cfg.block_size}; give more text or a smaller --block_size")
-    log(f"  {name}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens")
+    rt.log(f"  {name}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens")
     return tokens
 
 
@@ -290,6 +303,18 @@ def main(argv=None):
         else:                                          # the model, its tokenizer and its corpus come from the run
             cfg = dataclasses.replace(cfg, **{f: saved[f] for f in RUN_FIELDS})
     pretrains = cfg.stage in ("all", "pretrain") and not cfg.init_from
+    # The corpora are opened here too (lazily: nothing is read in full), so that a missing, empty or binary
+    # file fails before any work. pydocs is pretrained on its docstrings only: its other part, the language
+    # reference topics, is the default finetuning domain, which the pretrained model must never have seen.
+    pretrain_name = "pydocs docstrings" if cfg.data == "pydocs" else cfg.data
+    pretrain_corpus = finetune_corpus = None
+    if cfg.stage != "finetune":                                    # pretraining and the optimizer experiment
+        pretrain_corpus = (data.Corpus(pydocs_part("docstrings")) if cfg.data == "pydocs"
+                           else data.Corpus(cfg.data, cfg.text_field, log=log))
+    if cfg.stage in ("all", "finetune"):
+        finetune_name = "pydoc topics" if cfg.task == "topics" else Path(cfg.task).name
+        finetune_corpus = (data.Corpus(pydocs_part("topics")) if cfg.task == "topics"
+                           else data.Corpus(cfg.task, cfg.text_field, log=log))
     report = {"chapter": CHAPTER, "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", "")}
     started = time.perf_counter()
 
@@ -317,22 +342,17 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ 3. tokenizer and data
     log("== 3. tokenizer and data")
-    # pydocs is pretrained on its docstrings only: its other part, the language reference topics, is the
-    # default finetuning domain, which the pretrained model must never have seen.
-    pretrain_name = "pydocs docstrings" if cfg.data == "pydocs" else cfg.data
-    pretrain_text = finetune_text = None
-    if cfg.stage != "finetune":                                    # pretraining and the optimizer experiment
-        pretrain_text = data.pydocs_parts()["docstrings"] if cfg.data == "pydocs" else data.load_corpus(cfg.data)
-    if cfg.stage in ("all", "finetune"):
-        finetune_name = "pydoc topics" if cfg.task == "topics" else Path(cfg.task).name
-        finetune_text = data.pydocs_parts()["topics"] if cfg.task == "topics" else data.load_corpus(cfg.task)
     if source is None:
-        tokenizer = BPETokenizer.load_or_train(pretrain_text, cfg.vocab_size, special_tokens=(EOT,), runtime=rt, log=log)
+        # trained once on a sample spread over the corpus (all of a small one), cached under the corpus's
+        # fingerprint and the sample's size: a later run reads no text to find it
+        tokenizer = BPETokenizer.load_or_train(lambda: pretrain_corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6),
+                                               cfg.vocab_size, special_tokens=(EOT,), runtime=rt, log=log,
+                                               key=f"{pretrain_corpus.fingerprint}-{cfg.tokenizer_sample_mb:g}")
     pretrain_tokens = finetune_tokens = None
-    if pretrain_text is not None:
-        pretrain_tokens = encode_corpus(pretrain_name, pretrain_text, tokenizer, cfg, log)
-    if finetune_text is not None:
-        finetune_tokens = encode_corpus(finetune_name, finetune_text, tokenizer, cfg, log)
+    if pretrain_corpus is not None:
+        pretrain_tokens = encode_corpus(pretrain_name, pretrain_corpus, tokenizer, cfg, rt)
+    if finetune_corpus is not None:
+        finetune_tokens = encode_corpus(finetune_name, finetune_corpus, tokenizer, cfg, rt)
     sample_ids = tokenizer.encode("Return the")
     log(f"  {tokenizer.vocab_size}-token BPE: 'Return the' -> {sample_ids} -> {[tokenizer.decode([i]) for i in sample_ids]}")
 

@@ -50,7 +50,10 @@ EOT = "<|endoftext|>"
 @dataclass
 class Config:
     # data
-    data: str = "pydocs"            # pretraining corpus: pydocs, shakespeare, wikitext-2, a .txt file or a folder
+    data: str = "pydocs"            # corpus: pydocs | shakespeare | wikitext-2 | tinystories | c4[:N] | file (.txt .txt.gz .jsonl .jsonl.gz) | folder
+    text_field: str = "text"        # the field of a .jsonl corpus's rows that holds the text
+    tokenizer_sample_mb: float = 100  # the BPE is trained on this many MB, spread over the corpus (pydocs: all of it)
+    rebuild_cache: bool = False     # encode the corpus again (after an edit its fingerprint cannot see)
     vocab_size: int = 1024          # BPE vocabulary: 256 bytes + merges + 1 special token
     # model
     block_size: int = 64            # context length T of pretraining (positions have learned embeddings)
@@ -149,6 +152,8 @@ def check_config(cfg):
             raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
     if cfg.vocab_size < 257:
         raise UserError(f"--vocab_size must be at least 257 (256 byte tokens + {EOT}), got {cfg.vocab_size}")
+    if not cfg.tokenizer_sample_mb > 0:
+        raise UserError(f"--tokenizer_sample_mb must be positive, got {cfg.tokenizer_sample_mb}")
     if not 1 <= cfg.recall_pairs <= 26:
         raise UserError(f"--recall_pairs must be between 1 and 26 (keys are distinct letters), got {cfg.recall_pairs}")
     if 3 * cfg.recall_pairs + 3 > cfg.block_size:               # " b", "=", "7" a pair, then " ?", " b", "="
@@ -469,8 +474,9 @@ def main(argv=None):
             cfg = dataclasses.replace(cfg, **{f: saved[f] for f in RUN_FIELDS})
             check_config(cfg)                          # its block_size must hold this run's recall prompts
     pretrains = cfg.stage in ("all", "pretrain") and not cfg.init_from
-    # The corpus is read before the experiments, so that a missing or bad file fails before them too.
-    text = data.load_corpus(cfg.data) if pretrains else None
+    # The corpus is opened before the experiments (lazily: nothing is read in full), so that a missing, empty
+    # or binary file fails before them too.
+    corpus = data.Corpus(cfg.data, cfg.text_field, log=log) if pretrains else None
     report = {"chapter": CHAPTER, "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", "")}
     started = time.perf_counter()
 
@@ -539,8 +545,13 @@ def main(argv=None):
     log("== 4. tokenizer and data")
     tokens = None
     if pretrains:
-        tokenizer = BPETokenizer.load_or_train(text, cfg.vocab_size, special_tokens=(EOT,), runtime=rt, log=log)
-        tokens = data.TokenCache([text], tokenizer)              # encoded once, kept in the cache folder
+        # trained once on a sample spread over the corpus (all of a small one), cached under the corpus's
+        # fingerprint and the sample's size: a later run reads no text to find it
+        tokenizer = BPETokenizer.load_or_train(lambda: corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6),
+                                               cfg.vocab_size, special_tokens=(EOT,), runtime=rt, log=log,
+                                               key=f"{corpus.fingerprint}-{cfg.tokenizer_sample_mb:g}")
+        # encoded once and kept in the cache folder, documents joined by the end-of-text token
+        tokens = data.TokenCache(corpus, tokenizer, runtime=rt, log=log, rebuild=cfg.rebuild_cache)
         if tokens.num_tokens("val") <= cfg.block_size:
             raise UserError(f"{cfg.data}: {tokens.num_tokens('val')} validation tokens is too few for "
                             f"block_size={cfg.block_size}; give more text or a smaller --block_size")

@@ -49,7 +49,10 @@ class Config:
     resume: bool = False              # continue every stage from its checkpoint in out_dir (Ctrl-C saves one)
     init_from: str = ""               # finetune this chapter's pretrain.pt (or its run folder) instead of pretraining
     # data
-    data: str = "pydocs"              # pretraining corpus: "pydocs", "shakespeare", a .txt file or a folder of them
+    data: str = "pydocs"              # corpus: pydocs | shakespeare | wikitext-2 | tinystories | c4[:N] | file (.txt .txt.gz .jsonl .jsonl.gz) | folder
+    text_field: str = "text"          # the field of a .jsonl corpus's rows that holds the text
+    tokenizer_sample_mb: float = 100  # the BPE is trained on this many MB, spread over the corpus (pydocs: all of it)
+    rebuild_cache: bool = False       # encode the corpus again (after an edit its fingerprint cannot see)
     task: str = "docstring-name"      # finetuning task: docstring-name | docstring-summary | a .jsonl/.csv file (README)
     vocab_size: int = 2048            # BPE vocabulary shared by source and target (bytes + merges + 5 special tokens)
     # model (the paper's base model is d_model 512, 8 heads, 6 + 6 layers, d_ff 2048: --preset base)
@@ -116,7 +119,7 @@ PRESETS = {
 }
 
 # The values that decide what a folder's checkpoints are: a run with other values writes elsewhere.
-RUN_FIELDS = ("init_from", "data", "vocab_size", "d_model", "n_head", "n_encoder_layers", "n_decoder_layers",
+RUN_FIELDS = ("init_from", "data", "text_field", "vocab_size", "d_model", "n_head", "n_encoder_layers", "n_decoder_layers",
               "d_ff", "norm_first", "block_size")
 
 
@@ -137,7 +140,7 @@ def check_config(cfg):
                  "max_eval_examples", "num_samples"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
-    for name in ("lr", "ft_lr"):
+    for name in ("lr", "ft_lr", "tokenizer_sample_mb"):
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("dropout", "ft_dropout", "mask_rate", "delete_rate", "label_smoothing", "min_lr_ratio"):
@@ -461,7 +464,7 @@ def main(argv=None):
     source_path, source_ckpt, tokenizer = None, None, None
     if not pretrains_here:
         source_path, source_ckpt, tokenizer = read_pretrained(cfg.init_from or pretrain_path)
-    documents = data.corpus_documents(cfg.data) if pretrains_here else None
+    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log) if pretrains_here else None   # opened, not read
     examples = {} if cfg.stage == "pretrain" else {
         split: data.load_task(cfg.task, split) for split in ("train", "val", "test")}
     if cfg.max_eval_examples and examples:
@@ -473,13 +476,16 @@ def main(argv=None):
     rt.log(f"device {rt.device} | autocast {str(rt.dtype).replace('torch.', '')} | "
            f"{torch.get_num_threads()} CPU threads | out_dir {out_dir}")
 
-    # ---- tokenizer: one byte-level BPE for both sides, trained on the corpus once (cached by content)
-    # and kept in out_dir/tokenizer.json; --resume and finetuning read that file
+    # ---- tokenizer: one byte-level BPE for both sides, trained once on a sample spread over the corpus (all
+    # of a small one), cached under the corpus's fingerprint and the sample's size, and kept in
+    # out_dir/tokenizer.json; --resume and finetuning read that file
     if pretrains_here and cfg.resume and pretrain_path.exists():
         tokenizer = load_tokenizer_file(out_dir / "tokenizer.json")   # train_stage checks it against pretrain.pt
     elif pretrains_here:
-        tokenizer = BPETokenizer.load_or_train(documents, cfg.vocab_size, special_tokens=SPECIAL_TOKENS,
-                                               name="03_transformer", runtime=rt, log=rt.log)
+        tokenizer = BPETokenizer.load_or_train(lambda: corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6),
+                                               cfg.vocab_size, special_tokens=SPECIAL_TOKENS, name="03_transformer",
+                                               runtime=rt, log=rt.log,
+                                               key=f"{corpus.fingerprint}-{cfg.tokenizer_sample_mb:g}")
         tokenizer.save(out_dir / "tokenizer.json")
     if list(tokenizer.special_tokens) != list(SPECIAL_TOKENS):
         raise UserError(f"the tokenizer of {source_path or out_dir} was not made by this chapter (other special tokens)")
@@ -520,7 +526,7 @@ def main(argv=None):
     report = {"chapter": "03_transformer", "device": str(rt.device)}
     if pretrains_here:
         # ---- pretraining data: clean token windows x and their corruptions x~
-        tokens = data.TokenCache(documents, tokenizer)
+        tokens = data.TokenCache(corpus, tokenizer, runtime=rt, log=rt.log, rebuild=cfg.rebuild_cache)
         rt.log(f"corpus {cfg.data}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens")
 
         def denoising_batch(split, it, batch_size):
@@ -540,7 +546,8 @@ def main(argv=None):
             "pretrain", model, optimizer, lambda it: denoising_batch("train", it, cfg.batch_size),
             lambda m: mean_loss(m, val_batches, rt), cfg.max_iters, cfg.lr, cfg.warmup_iters, cfg.schedule,
             cfg.eval_interval, pretrain_path, cfg, rt, tokens_per_iter=cfg.batch_size * cfg.block_size * 2,
-            flops=flops_per_token(model, 0.5), extra_state={"tokenizer": tokenizer.fingerprint})
+            flops=flops_per_token(model, 0.5),
+            extra_state={"tokenizer": tokenizer.fingerprint, "corpus_fingerprint": tokens.corpus_fingerprint})
         pretrain_val = mean_loss(model, val_batches, rt)
         report["params"] = model.num_parameters()
         report["pretrain"] = {"val_loss": round(pretrain_val, 4), "val_ppl": round(math.exp(pretrain_val), 2),

@@ -49,7 +49,10 @@ EXPORTED_TOKENIZER = "llmfs_tokenizer.json"  # our tokenizer, beside config.json
 @dataclass
 class Config:
     # data
-    data: str = "pydocs"              # pydocs, shakespeare, wikitext-2, a .txt file or folder; a blank line ends a document
+    data: str = "pydocs"              # corpus: pydocs | shakespeare | wikitext-2 | tinystories | c4[:N] | file (.txt .txt.gz .jsonl .jsonl.gz) | folder
+    text_field: str = "text"          # the field of a .jsonl corpus's rows that holds the text
+    tokenizer_sample_mb: float = 100  # the BPE is trained on this many MB, spread over the corpus (pydocs: all of it)
+    max_corpus_mb: float = 512        # the head of the corpus read into memory for the sentence pairs (NSP): this many MB at most
     task: str = "docstring-module"    # classification task: docstring-module or a .jsonl/.csv with text,label
     num_labels: int = 10              # docstring-module keeps the modules with the most train examples
     vocab_size: int = 4096            # BPE vocabulary: 256 bytes + merges + the 4 special tokens
@@ -105,14 +108,20 @@ PRESETS = {
                  log_interval=10, ft_max_len=32, ft_epochs=1, max_ft_examples=64, probe_epochs=5,
                  simcse_iters=5, simcse_batch_size=8),
     "default": {},
-    "bert-mini-gpu": dict(vocab_size=8192, n_layer=4, n_head=4, d_model=256, d_ff=1024, seq_len=128,
-                          max_predictions=20, max_iters=20000, batch_size=128, lr=5e-4, warmup_iters=1000,
+    # BERT-Mini's shape (5.5M parameters with this vocabulary), pretrained on C4 for Chinchilla's compute-optimal
+    # ~20 tokens per parameter: 6,500 steps of 128 x 128 tokens are 106M tokens, 19.5 per parameter (counted
+    # over every input position; MLM predicts 15% of them, one reason BERT itself trained far longer, on
+    # ~128B tokens). A C4 shard is ~356k documents, ~800 MB of text, ~170M GPT-2 tokens: the first 512 MB of
+    # c4:1 (--max_corpus_mb) hold ~110M GPT-2 tokens and more of this smaller vocabulary, about one pass.
+    "bert-mini-gpu": dict(data="c4:1", vocab_size=8192, n_layer=4, n_head=4, d_model=256, d_ff=1024, seq_len=128,
+                          max_predictions=20, max_iters=6500, batch_size=128, lr=5e-4, warmup_iters=650,
                           eval_interval=1000, eval_iters=20, log_interval=100, ft_max_len=256,
                           ft_epochs=4, ft_lr=1e-4, compile=True),
 }
 STAGES = ("all", "pretrain", "finetune", "simcse")
 # What decides a run folder's checkpoints (see claim_out_dir): another value is another run.
-CLAIMED_FIELDS = ("data", "vocab_size", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "ft_max_len", "init_from")
+CLAIMED_FIELDS = ("data", "text_field", "max_corpus_mb", "vocab_size", "n_layer", "n_head", "d_model", "d_ff", "seq_len",
+                  "ft_max_len", "init_from")
 CHECKPOINT_KEYS = {"model", "optimizer", "scaler", "rng", "iter", "history", "config", "bert_config", "tokenizer"}
 MIN_DOCUMENTS = 20     # every 10th document is held out, and each side needs two for NSP's random B
 
@@ -129,7 +138,7 @@ def check_config(cfg):
     for name in ("warmup_iters", "max_ft_examples", "weight_decay", "grad_clip"):
         if not getattr(cfg, name) >= 0:                                        # `not >=`: NaN fails too
             raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
-    for name in ("lr", "ft_lr", "probe_lr", "simcse_lr", "temperature"):
+    for name in ("lr", "ft_lr", "probe_lr", "simcse_lr", "temperature", "tokenizer_sample_mb", "max_corpus_mb"):
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name, low, high in (("dropout", 0, 0.99), ("mask_prob", 0.01, 0.99), ("short_seq_prob", 0, 1),
@@ -293,16 +302,34 @@ def is_cjk(c):
 
 # ----------------------------------------------------------------------------------------- pretraining data
 
-def pretraining_documents(spec):
-    """The corpus as a list of documents. pydocs comes as documents (a reference page, a docstring); any
-    other text follows BERT's pretraining-data format, blank lines between documents, so a single file
-    (or a folder of two) still gives the many documents next sentence prediction needs."""
-    documents = data.corpus_documents(spec)
-    if spec != "pydocs":
+def open_corpus(cfg, rt):   # same as 06_t5/train.py
+    """The --data corpus, opened: common.data.Corpus checks its files now and reads them later, piece by piece.
+    A named corpus (c4:N, tinystories...) is downloaded by rank 0 alone while the other ranks wait, then
+    found in the cache folder: two processes writing one download would spoil it."""
+    downloads = data.corpus_urls(cfg.data) is not None
+    if downloads and not rt.is_main:
+        rt.barrier()                       # rank 0 is downloading
+    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log)
+    if downloads and rt.is_main:
+        rt.barrier()                       # the files are complete: the other ranks open them now
+    return corpus
+
+
+def pretraining_documents(corpus, max_corpus_mb, log=print):
+    """The head of the corpus, at most `max_corpus_mb` MB of text, as a list of documents: the pairs of next
+    sentence prediction are built in memory, and that bounds it. pydocs and JSON lines come as documents (a
+    reference page, a docstring, a row); a corpus with text files follows BERT's pretraining-data format, blank
+    lines between documents, so a single file (or a folder of two) still gives the many documents NSP needs."""
+    documents = corpus.documents(max_bytes=max_corpus_mb * 1e6)
+    characters = sum(map(len, documents))
+    if characters >= max_corpus_mb * 1e6:       # Corpus.documents stopped there: the corpus holds more
+        log(f"pretraining data: the first {characters / 1e6:,.1f} MB of {corpus.spec} (--max_corpus_mb "
+            f"{max_corpus_mb:g}); the rest of the corpus is not read")
+    if any(path.name.lower().endswith((".txt", ".txt.gz")) for path in corpus.files):
         documents = [d for text in documents for d in re.split(r"\n\s*\n", text)]
     documents = [d for d in documents if d.strip()]
     if len(documents) < MIN_DOCUMENTS:
-        raise UserError(f"--data {spec} has {len(documents)} documents (blank-line-separated paragraphs); "
+        raise UserError(f"--data {corpus.spec} has {len(documents)} documents (blank-line-separated paragraphs); "
                         f"BERT pretraining needs at least {MIN_DOCUMENTS}: every 10th is held out for "
                         f"validation, and next sentence prediction takes its random B from another document")
     return documents
@@ -507,7 +534,7 @@ def load_run_checkpoint(path):
     return checkpoint
 
 
-def checkpoint_to_resume(cfg, out_dir):
+def checkpoint_to_resume(cfg, out_dir, corpus):
     """--resume: this out_dir's ckpt.pt, written with the same model and data, not past --max_iters."""
     path = out_dir / "ckpt.pt"
     checkpoint = load_run_checkpoint(path)
@@ -515,12 +542,15 @@ def checkpoint_to_resume(cfg, out_dir):
     if changed:
         raise UserError(f"{path} was written with another {changed[0]} ({checkpoint['config'].get(changed[0])!r}, "
                         f"now {getattr(cfg, changed[0])!r})")
+    if checkpoint.get("corpus_fingerprint") != corpus.fingerprint:
+        raise UserError(f"{path} was pretrained on another version of --data {cfg.data} (edited since?): "
+                        f"drop --resume to start again, or pass another --out_dir")
     if checkpoint["iter"] > cfg.max_iters:
         raise UserError(f"{path} is at iter {checkpoint['iter']}, past --max_iters {cfg.max_iters}")
     return checkpoint
 
 
-def pretrain(cfg, rt, tokenizer, documents, out_dir, checkpoint=None):
+def pretrain(cfg, rt, tokenizer, documents, corpus_fingerprint, out_dir, checkpoint=None):
     """Stage 1: L_BERT = L_MLM + L_NSP on sentence pairs, from random weights or, with --resume, from
     `checkpoint`. Writes ckpt.pt, tokenizer.json and the exported pretrained/ folder; returns the model
     and the pretraining report."""
@@ -564,7 +594,8 @@ def pretrain(cfg, rt, tokenizer, documents, out_dir, checkpoint=None):
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scaler": rt.scaler.state_dict(), "rng": rng_state(rt), "iter": it,
                                         "history": history, "config": asdict(cfg),
-                                        "bert_config": model.config.to_dict(), "tokenizer": tokenizer.fingerprint})
+                                        "bert_config": model.config.to_dict(), "tokenizer": tokenizer.fingerprint,
+                                        "corpus_fingerprint": corpus_fingerprint})
 
     # each step takes batch_size * world_size instances from the stream; this process trains on its share
     stream = pretraining_batches(train_docs, cfg, specials, pad_id, cfg.batch_size * rt.world_size, start_iter)
@@ -1069,17 +1100,21 @@ def main(argv=None):
     elif cfg.stage in ("finetune", "simcse"):
         pretrained, tokenizer = load_finished_run(cfg, rt, out_dir)
     else:
-        checkpoint = checkpoint_to_resume(cfg, out_dir) if cfg.resume else None
-        documents = pretraining_documents(cfg.data)
+        corpus = open_corpus(cfg, rt)
+        checkpoint = checkpoint_to_resume(cfg, out_dir, corpus) if cfg.resume else None
+        documents = pretraining_documents(corpus, cfg.max_corpus_mb, log=rt.log)
         claim_out_dir(out_dir, asdict(cfg), CLAIMED_FIELDS)
         if checkpoint is not None:
             tokenizer = load_run_tokenizer(out_dir / "tokenizer.json", checkpoint["tokenizer"])
-        else:
-            tokenizer = BPETokenizer.load_or_train(documents, cfg.vocab_size, special_tokens=SPECIAL_TOKENS,
-                                                   name="bert-bpe", runtime=rt, log=rt.log)
+        else:   # trained once on a sample spread over the corpus (all of a small one), cached by its fingerprint
+            tokenizer = BPETokenizer.load_or_train(lambda: corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6),
+                                                   cfg.vocab_size, special_tokens=SPECIAL_TOKENS, name="bert-bpe",
+                                                   runtime=rt, log=rt.log,
+                                                   key=f"{corpus.fingerprint}-{cfg.tokenizer_sample_mb:g}")
         if examples is not None:
             choose_verbalizer(data.task_labels(examples["train"]), tokenizer)   # fails now, not after pretraining
-        pretrained, report["pretrain"] = pretrain(cfg, rt, tokenizer, documents, out_dir, checkpoint)
+        pretrained, report["pretrain"] = pretrain(cfg, rt, tokenizer, documents, corpus.fingerprint, out_dir,
+                                                  checkpoint)
     if not rt.is_main:
         return None                        # finetuning is small: the main process does it alone
 

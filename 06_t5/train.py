@@ -2,7 +2,7 @@
 
     python 06_t5/train.py                        # default: pydocs corpus, CPU, a few minutes
     python 06_t5/train.py --preset tiny          # seconds, for a smoke test
-    python 06_t5/train.py --preset small --device cuda          # T5-small's shape, on a GPU
+    python 06_t5/train.py --preset small --device cuda          # T5-small's shape on C4, on a GPU
     torchrun --nproc_per_node 2 06_t5/train.py --preset small   # data parallel
     python 06_t5/train.py --init_from out/06_t5/hf --task my_task.jsonl --out_dir out/mine   # finetune only
 
@@ -70,7 +70,10 @@ class Config:
     resume: bool = False              # continue every stage from its checkpoint in out_dir (Ctrl-C saves one)
     init_from: str = ""               # finetune a Hugging Face T5 folder with our llmfs_tokenizer.json (out/06_t5/hf) instead
     # data
-    data: str = "pydocs"              # pretraining corpus: "pydocs", "shakespeare", a .txt file or a folder of them
+    data: str = "pydocs"              # corpus: pydocs | shakespeare | wikitext-2 | tinystories | c4[:N] | file (.txt .txt.gz .jsonl .jsonl.gz) | folder
+    text_field: str = "text"          # the field of a .jsonl corpus's rows that holds the text
+    tokenizer_sample_mb: float = 100  # the BPE is trained on this many MB, spread over the corpus (pydocs: all of it)
+    rebuild_cache: bool = False       # encode the corpus again (after an edit its fingerprint cannot see)
     vocab_size: int = 2048            # BPE vocabulary: 256 bytes + merges + 3 specials + the sentinels
     num_sentinels: int = 32           # sentinel tokens <extra_id_0> ... (one per noise span of an input)
     # model (T5-small is d_model 512, d_kv 64, 8 heads, d_ff 2048 (v1.1: 1024), 6 + 6 layers: --preset small)
@@ -131,17 +134,22 @@ PRESETS = {
                  ft_eval_interval=10, ft_val_examples=24, max_source_len=32, max_target_len=8, num_beams=2,
                  max_eval_examples=6, num_samples=1, log_interval=10),
     "default": {},
-    # the GPU preset: T5-small's shape (v1.1)
-    "small": dict(vocab_size=8192, num_sentinels=100, d_model=512, d_kv=64, num_heads=8, d_ff=1024,
-                  num_layers=6, num_decoder_layers=6, input_length=512, batch_size=64, max_iters=5000,
-                  lr=1e-2, warmup_iters=500, eval_interval=500, eval_iters=8, ft_iters=2000,
+    # the GPU preset: T5-small's shape (v1.1; 46M parameters with this vocabulary), pretrained on C4 for
+    # Chinchilla's compute-optimal ~20 tokens per parameter: a step reads 64 windows of 568 corpus tokens
+    # (input 512 + target 114 once corrupted), 36k tokens, so 25,000 steps are 0.91B tokens, 20 per parameter.
+    # A C4 shard is ~356k documents, ~800 MB of text, ~170M GPT-2 tokens (more of this smaller vocabulary):
+    # c4:6 holds over 1B tokens, about one pass over its train split. (T5 itself: 524k steps of 65k tokens, 34B.)
+    # Under torchrun each process takes its own 64 windows: divide --max_iters by the number of GPUs.
+    "small": dict(data="c4:6", vocab_size=8192, num_sentinels=100, d_model=512, d_kv=64, num_heads=8, d_ff=1024,
+                  num_layers=6, num_decoder_layers=6, input_length=512, batch_size=64, max_iters=25000,
+                  lr=1e-2, warmup_iters=500, eval_interval=1000, eval_iters=8, ft_iters=2000,
                   ft_batch_size=64, ft_lr=3e-4, ft_warmup_iters=100, ft_eval_interval=250,
                   ft_val_examples=1000, max_source_len=256, max_target_len=48, log_interval=100),
 }
 
 # The values that decide what a folder's checkpoints are: a run with other values writes elsewhere.
-RUN_FIELDS = ("init_from", "data", "vocab_size", "num_sentinels", "variant", "d_model", "d_kv", "num_heads", "d_ff",
-              "num_layers", "num_decoder_layers")
+RUN_FIELDS = ("init_from", "data", "text_field", "vocab_size", "num_sentinels", "variant", "d_model", "d_kv",
+              "num_heads", "d_ff", "num_layers", "num_decoder_layers")
 
 
 def user_task_prefix(cfg):
@@ -166,7 +174,7 @@ def check_config(cfg):
     for name in ("warmup_iters", "ft_warmup_iters", "weight_decay", "grad_clip", "max_eval_examples", "num_samples"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
-    for name in ("lr", "ft_lr"):
+    for name in ("lr", "ft_lr", "tokenizer_sample_mb"):
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("dropout", "ft_dropout", "min_lr_ratio"):
@@ -325,6 +333,19 @@ def score(metric, predictions, references):
     if metric == "rouge_l":
         return sum(map(rouge_l, predictions, references)) / max(1, len(references))
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(1, len(references))
+
+
+def open_corpus(cfg, rt):   # same as 04_bert/train.py
+    """The --data corpus, opened: common.data.Corpus checks its files now and reads them later, piece by piece.
+    A named corpus (c4:N, tinystories...) is downloaded by rank 0 alone while the other ranks wait, then
+    found in the cache folder: two processes writing one download would spoil it."""
+    downloads = data.corpus_urls(cfg.data) is not None
+    if downloads and not rt.is_main:
+        rt.barrier()                       # rank 0 is downloading
+    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log)
+    if downloads and rt.is_main:
+        rt.barrier()                       # the files are complete: the other ranks open them now
+    return corpus
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -592,7 +613,7 @@ def main(argv=None):
         source_path, tokenizer = Path(cfg.init_from), read_hf_tokenizer(cfg.init_from)
     elif not pretrains_here:
         source_path, source_ckpt, tokenizer = read_pretrained(pretrain_path)
-    documents = data.corpus_documents(cfg.data) if pretrains_here else None
+    corpus = open_corpus(cfg, rt) if pretrains_here else None
     chosen = [task for task in TASKS if task[0] in cfg.tasks.split(",")]
     if cfg.task:                                        # a user's file: one more task in the mix
         chosen.append((user_task_prefix(cfg), cfg.task, None))
@@ -612,14 +633,17 @@ def main(argv=None):
     rt.log(f"device {rt.device} | autocast {str(rt.dtype).replace('torch.', '')} | {torch.get_num_threads()} "
            f"CPU threads{f' | {rt.world_size} processes' if rt.ddp else ''} | out_dir {out_dir}")
 
-    # ---- tokenizer: byte-level BPE with the sentinels as special tokens, trained on the corpus once
-    # (cached by content) and kept in out_dir/tokenizer.json; --resume and finetuning read that file
+    # ---- tokenizer: byte-level BPE with the sentinels as special tokens, trained once on a sample spread over
+    # the corpus (all of a small one), cached under the corpus's fingerprint and the sample's size, and kept
+    # in out_dir/tokenizer.json; --resume and finetuning read that file
     sentinels = tuple(f"<extra_id_{i}>" for i in range(cfg.num_sentinels))
     if pretrains_here and cfg.resume and pretrain_path.exists():
         tokenizer = load_tokenizer_file(out_dir / "tokenizer.json")   # train_stage checks it against pretrain.pt
     elif pretrains_here:
-        tokenizer = BPETokenizer.load_or_train(documents, cfg.vocab_size, special_tokens=SPECIAL_TOKENS + sentinels,
-                                               name="06_t5", runtime=rt, log=rt.log)
+        tokenizer = BPETokenizer.load_or_train(lambda: corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6),
+                                               cfg.vocab_size, special_tokens=SPECIAL_TOKENS + sentinels,
+                                               name="06_t5", runtime=rt, log=rt.log,
+                                               key=f"{corpus.fingerprint}-{cfg.tokenizer_sample_mb:g}")
         if rt.is_main:
             tokenizer.save(out_dir / "tokenizer.json")
     expected = SPECIAL_TOKENS + sentinels if pretrains_here else SPECIAL_TOKENS      # finetuning needs no sentinels
@@ -643,7 +667,7 @@ def main(argv=None):
     if pretrains_here:
         # ---- pretraining data: raw windows long enough that the corrupted input fills input_length
         sentinel_ids = [tokenizer.token_to_id(s) for s in sentinels]
-        tokens = data.TokenCache(documents, tokenizer)
+        tokens = data.TokenCache(corpus, tokenizer, runtime=rt, log=rt.log, rebuild=cfg.rebuild_cache)
         raw_length, target_length = raw_length_for(cfg.input_length, cfg.noise_density, cfg.mean_noise_span_length)
         rt.log(f"corpus {cfg.data}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens | "
                f"span corruption: {raw_length} raw tokens -> input {cfg.input_length}, target {target_length}")
@@ -672,7 +696,8 @@ def main(argv=None):
             lambda it: span_corruption_batch("train", cfg.seed * 1_000_003 + it * 1009 + rt.rank, cfg.batch_size),
             lambda m: mean_loss(m, val_batches, rt), cfg.max_iters, cfg.lr, cfg.warmup_iters, cfg.schedule,
             cfg.eval_interval, pretrain_path, cfg, rt, pretrain_tokens,
-            flops_per_token(model, cfg.input_length, target_length), {"tokenizer": tokenizer.fingerprint})
+            flops_per_token(model, cfg.input_length, target_length),
+            {"tokenizer": tokenizer.fingerprint, "corpus_fingerprint": tokens.corpus_fingerprint})
         pretrain_val = mean_loss(model, val_batches, rt)
         report["params"] = model.num_parameters()
         report["pretrain"] = {"val_loss": round(pretrain_val, 4), "iters": cfg.max_iters,

@@ -409,7 +409,8 @@ def pydocs_parts():
 
 
 # ------------------------------------------------------------------------------------------ corpora
-CORPUS_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")   # what a corpus file or folder may hold
+CORPUS_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json.gz")   # what a corpus file or folder holds
+JSON_LINES_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz")   # a document per line (C4's shards are .json.gz)
 PIECE_CHARS = 1 << 22     # a corpus is read and encoded in pieces of ~4M characters: memory never holds more
 ENCODE_IN_PROCESSES_BYTES = 32 << 20   # a larger corpus is encoded by a pool of processes (smaller: not worth it)
 PROGRESS_SECONDS = 5.0    # how often long data work prints a progress line
@@ -535,7 +536,7 @@ def _jsonl_documents(path, text_field):
 class Corpus:
     """A corpus read lazily: a sequence of documents that is never held in memory as a whole.
 
-        corpus = Corpus("my_folder")                  # .txt, .txt.gz, .jsonl, .jsonl.gz files, recursively
+        corpus = Corpus("my_folder")                  # .txt(.gz), .jsonl(.gz), .json.gz files, recursively
         for text, starts_document in corpus.pieces():  # ~4M-character pieces, in order
         corpus.sample_texts(100e6)                    # ~100 MB spread over the corpus (tokenizer training)
         corpus.fingerprint                            # changes when the corpus does (see below)
@@ -618,7 +619,7 @@ class Corpus:
         return digest.hexdigest()[:32]
 
     def _file_pieces(self, path):
-        if _suffix(path).startswith(".jsonl"):
+        if _suffix(path) in JSON_LINES_SUFFIXES:
             for document in _jsonl_documents(path, self.text_field):
                 yield document, True
         else:
@@ -1041,3 +1042,156 @@ def batch_indices(lengths, batch_size, shuffle, seed=0, bucket=False):
     if bucket and shuffle:
         rng.shuffle(batches)
     return batches
+
+
+# ------------------------------------------------------------------ conversations and preference pairs
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_SYSTEM_PROMPT = "You answer questions about the Python standard library in one sentence."
+FOLLOW_UPS = ("And `{}`?", "What about `{}`?", "How about `{}`?")
+
+
+def _stable_choice(key, options):
+    """One of `options`, picked by a sha1 of `key`: the same pick in every process, on every machine."""
+    return options[int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) % len(options)]
+
+
+def _pydocs_qa_groups():
+    """{(split, parent): [(qualname, question, answer), ...]} from the python-qa examples, where parent is
+    the module or class an object sits in (`json` for json.dumps, `json.JSONDecoder` for its methods).
+
+    Grouping within a split keeps every conversation and every preference pair on one side of it. A val or
+    test object whose answer is also a train answer or occurs in the pretraining corpus is left out
+    (bisect_right's summary is bisect_left's first sentence): no held-out answer was ever seen in training."""
+    examples = _pydocs_tasks()["python-qa"]
+    train_answers = {example["response"] for _, split, example in examples if split == "train"}
+    pretraining = "\n\n".join(pydocs_parts().values())
+    groups = {}
+    for qualname, split, example in examples:
+        if split != "train" and (example["response"] in train_answers or example["response"] in pretraining):
+            continue
+        parent = qualname.rsplit(".", 1)[0] if "." in qualname else qualname
+        groups.setdefault((split, parent), []).append((qualname, example["instruction"], example["response"]))
+    return groups
+
+
+def pydocs_conversations(split):
+    """Multi-turn conversations about the standard library, built offline from the python-qa examples:
+    two to four objects of one module or class (one where it documents a single object), the first
+    question asked in full, the later ones referring back to it ("And `json.loads`?"), half of them under
+    a system prompt.
+
+    >>> pydocs_conversations("train")[0]["messages"][:3]      # doctest: +SKIP
+    [{'role': 'user', 'content': 'What does `abc.abstractmethod` do?'},
+     {'role': 'assistant', 'content': 'A decorator indicating abstract methods.'},
+     {'role': 'user', 'content': 'And `abc.get_cache_token`?'}, ...]
+    """
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r} (splits: {', '.join(SPLITS)})")
+    conversations = []
+    for (group_split, parent), objects in sorted(_pydocs_qa_groups().items()):
+        if group_split != split:
+            continue
+        start = 0
+        while start < len(objects):
+            size = _stable_choice("turns:" + objects[start][0], (2, 3, 4))
+            if len(objects) - (start + size) == 1:            # no one-object leftover: take it, or leave two
+                size = size + 1 if size < 4 else 3
+            chunk, start = objects[start:start + size], start + size
+            messages = []
+            if _stable_choice("system:" + chunk[0][0], (True, False)):
+                messages.append({"role": "system", "content": CHAT_SYSTEM_PROMPT})
+            for turn, (qualname, question, answer) in enumerate(chunk):
+                if turn:
+                    question = _stable_choice("follow:" + qualname, FOLLOW_UPS).format(
+                        qualname.removeprefix("builtins."))
+                messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            conversations.append({"messages": messages})
+    return conversations
+
+
+def pydocs_preferences(split):
+    """Preference pairs built offline: {"prompt": "What does `json.dumps` do?", "chosen": its summary,
+    "rejected": another object's summary from the same module or class (a plausible wrong answer)}.
+
+    The wrong answer comes from the same split and group, picked by a stable hash; objects alone in
+    their group (or whose siblings all share their summary) give no pair."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r} (splits: {', '.join(SPLITS)})")
+    pairs = []
+    for (group_split, _), objects in sorted(_pydocs_qa_groups().items()):
+        if group_split != split:
+            continue
+        for qualname, question, answer in objects:
+            others = sorted({other for _, _, other in objects if other != answer})
+            if others:
+                rejected = min(others, key=lambda other: hashlib.sha1(f"{qualname}\n{other}".encode()).hexdigest())
+                pairs.append({"prompt": question, "chosen": answer, "rejected": rejected})
+    return pairs
+
+
+def _user_rows_in_split(path, split):
+    """[(line number, row)] of a user's .jsonl whose split (a stable hash of the row) is `split`."""
+    if Path(path).suffix.lower() != ".jsonl":
+        raise UserError(f"{path}: conversations and preference pairs are read from .jsonl files")
+    rows = _read_user_rows(Path(path))
+    chosen = [(n, row) for n, row in rows if split_of(json.dumps(row, sort_keys=True, ensure_ascii=False)) == split]
+    if not chosen:
+        raise UserError(f"{path}: no rows fell in the {split!r} split ({len(rows)} in all; about 10% go to val "
+                        f"and to test, so use at least ~30 rows)")
+    return chosen
+
+
+def is_conversation_file(path):
+    """True when a .jsonl task file's first row has "messages" (the common chat format)."""
+    path = Path(path).expanduser()
+    return path.suffix.lower() == ".jsonl" and path.is_file() and "messages" in _read_user_rows(path)[0][1]
+
+
+def load_conversations(name_or_path, split):
+    """Conversations {"messages": [{"role", "content"}, ...]} of one split: "pydocs" (the built-in ones,
+    `pydocs_conversations`) or a .jsonl file of rows in that common form. A file's row needs messages
+    with roles system (first only) / user / assistant, string contents, and at least one assistant
+    message; anything else is one line naming the row."""
+    if name_or_path == "pydocs":
+        return pydocs_conversations(split)
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"no such conversation file: {name_or_path!r}")
+    conversations = []
+    for number, row in _user_rows_in_split(path, split):
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise UserError(f"{path}:{number}: expected \"messages\": a non-empty list of {{\"role\", \"content\"}}")
+        for position, message in enumerate(messages):
+            if not isinstance(message, dict) or set(message) < {"role", "content"}:
+                raise UserError(f"{path}:{number}: message {position + 1} needs \"role\" and \"content\"")
+            if message["role"] not in CHAT_ROLES:
+                raise UserError(f"{path}:{number}: message {position + 1} has the role {message['role']!r} "
+                                f"(roles: {', '.join(CHAT_ROLES)})")
+            if message["role"] == "system" and position:
+                raise UserError(f"{path}:{number}: a system message may only come first")
+            if not isinstance(message["content"], str):
+                raise UserError(f"{path}:{number}: message {position + 1}'s content must be a string")
+        if not any(message["role"] == "assistant" for message in messages):
+            raise UserError(f"{path}:{number}: no assistant message: nothing to learn from this conversation")
+        conversations.append({"messages": [{"role": m["role"], "content": m["content"]} for m in messages]})
+    return conversations
+
+
+def load_preferences(name_or_path, split):
+    """Preference pairs {"prompt", "chosen", "rejected"} of one split: "pydocs" (`pydocs_preferences`) or a
+    .jsonl file of rows with those three string fields."""
+    if name_or_path == "pydocs":
+        return pydocs_preferences(split)
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"no such preference file: {name_or_path!r} (pydocs, or a .jsonl of prompt, chosen, rejected)")
+    pairs = []
+    for number, row in _user_rows_in_split(path, split):
+        for field in ("prompt", "chosen", "rejected"):
+            if field not in row:
+                raise UserError(f"{path}:{number}: missing the field {field!r} (a pair is prompt, chosen, rejected)")
+            if not isinstance(row[field], str) or not row[field].strip():
+                raise UserError(f"{path}:{number}: {field!r} must be a non-empty string")
+        pairs.append({field: row[field] for field in ("prompt", "chosen", "rejected")})
+    return pairs

@@ -2,6 +2,7 @@
 data follows the original recipe (80/10/10 masking, a prediction cap, 50% random next segments); the
 whole train.py runs end to end on a tiny preset, stops on Ctrl-C and resumes to the uninterrupted result."""
 
+import gzip
 import json
 import math
 import re
@@ -348,6 +349,17 @@ def test_pairs_are_truncated_to_the_max_length_and_instances_have_bert_layout():
     assert ((batch["input_ids"] == PAD) == (batch["attention_mask"] == 0)).all()
 
 
+def test_the_gpu_preset_pretrains_on_about_20_tokens_per_parameter():
+    """`bert-mini-gpu`'s comment, kept honest: BERT-Mini's shape on C4 for Chinchilla's compute-optimal
+    ~20 tokens per parameter (every input position counted), no more than the head it reads holds."""
+    cfg = train.parse_config(train.Config, presets=train.PRESETS, argv=["--preset", "bert-mini-gpu"])
+    model = bert.BertForPretraining(train.bert_config(cfg, cfg.vocab_size, pad_id=0))
+    tokens = cfg.max_iters * cfg.batch_size * cfg.seq_len
+    parameters = sum(p.numel() for p in model.parameters())
+    assert cfg.data.startswith("c4:") and 18 <= tokens / parameters <= 22
+    assert tokens <= cfg.max_corpus_mb * 1e6 / 4.7                         # ~4.7 characters per GPT-2 token
+
+
 def test_pretraining_stream_resumes_where_it_stopped():
     """The batch stream is a function of the seed: skipping k batches gives batch k of a fresh stream,
     across the boundary between passes too (so --resume trains on the data it would have seen)."""
@@ -374,13 +386,61 @@ def test_a_corpus_smaller_than_a_batch_still_gives_full_batches():
 def test_text_files_are_split_into_documents_at_blank_lines(tmp_path):
     """BERT's data format: blank lines separate documents, so two files give many documents; too few is
     one line that says what is needed."""
+    from common import data
     (tmp_path / "a.txt").write_text("\n\n".join(f"Paragraph {i}. It has two sentences." for i in range(12)))
     (tmp_path / "b.txt").write_text("\n \n".join(f"Another {i}.\nOn two lines." for i in range(9)))
-    documents = train.pretraining_documents(str(tmp_path))
+    documents = train.pretraining_documents(data.Corpus(str(tmp_path)), 512)
     assert len(documents) == 21 and documents[0] == "Paragraph 0. It has two sentences."
     (tmp_path / "b.txt").write_text("Only one paragraph here.")
     with pytest.raises(train.UserError, match=r"has 13 documents .*needs at least 20"):
-        train.pretraining_documents(str(tmp_path))
+        train.pretraining_documents(data.Corpus(str(tmp_path)), 512)
+
+
+def write_mixed_corpus(folder):
+    """A corpus folder of two compressed files: a text file, and JSON lines that keep their text in the field
+    "body". Returns its documents in the corpus's order (the files sorted by path)."""
+    folder.mkdir()
+    text = "\n\n".join(f"Paragraph {i}. The model predicts the next word from the words before it." for i in range(40))
+    rows = [{"id": i, "body": f"Row {i}: the parser reads line {i} and returns its tokens."} for i in range(80)]
+    with gzip.open(folder / "a_notes.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    with gzip.open(folder / "b_rows.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return [text] + [row["body"] for row in rows]
+
+
+def test_json_lines_are_documents_and_max_corpus_mb_reads_the_head(tmp_path):
+    """A row of JSON lines is one document, blank lines and all (C4's rows are whole web pages); the corpus
+    is read into memory up to --max_corpus_mb of text, its head, and a line says when the rest is left."""
+    from common import data
+    rows = [{"text": f"Page {i}, first paragraph.\n\nPage {i}, second paragraph."} for i in range(30)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    lines = []
+    documents = train.pretraining_documents(data.Corpus(str(tmp_path / "rows.jsonl")), 512, log=lines.append)
+    assert documents == [row["text"] for row in rows] and lines == []
+    documents = write_mixed_corpus(tmp_path / "mixed")
+    bound = len(documents[0]) + 10 * len(documents[1])                  # the text file and ten rows
+    head = train.pretraining_documents(data.Corpus(str(tmp_path / "mixed"), "body"), bound / 1e6, log=lines.append)
+    assert head == documents[0].split("\n\n") + documents[1:11]       # with a text file, paragraphs are documents
+    assert len(lines) == 1 and f"--max_corpus_mb {bound / 1e6:g}" in lines[0] and "not read" in lines[0]
+
+
+def test_a_folder_of_compressed_text_and_json_lines_pretrains_and_an_edit_of_it_stops_resume(tmp_path, capsys):
+    """--data a folder with a .txt.gz and a .jsonl.gz (its text under --text_field body): the text file's 40
+    paragraphs and the 80 rows are the documents of the sentence pairs. The checkpoint records the corpus's
+    fingerprint: once a file changes, --resume refuses to continue on other text."""
+    corpus = tmp_path / "corpus"
+    write_mixed_corpus(corpus)
+    argv = ["--preset", "tiny", "--device", "cpu", "--data", str(corpus), "--text_field", "body", "--stage", "pretrain",
+            "--out_dir", str(tmp_path / "out")]
+    report = train.main(argv)
+    found = re.search(r"pretraining data: (\d+) train / (\d+) val documents", capsys.readouterr().out)
+    assert int(found.group(1)) + int(found.group(2)) == 40 + 80
+    assert report["pretrain"]["history"][-1]["val_loss"] < report["pretrain"]["history"][0]["val_loss"]
+    with gzip.open(corpus / "b_rows.jsonl.gz", "at", encoding="utf-8") as f:
+        f.write(json.dumps({"body": "One more row, written after the run."}) + "\n")
+    code, errors = run_in_process(argv + ["--resume"], capsys)
+    assert code == 2 and len(errors) == 1 and "pretrained on another version of --data" in errors[0], errors
 
 
 def test_train_helpers_doctests():

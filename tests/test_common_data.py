@@ -272,7 +272,7 @@ def test_bad_corpus_files_give_one_clear_line(tmp_path, name, content, message):
 
 
 def test_folder_without_text_files_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="no .txt, .txt.gz, .jsonl, .jsonl.gz files"):
+    with pytest.raises(UserError, match="no .txt, .txt.gz, .jsonl, .jsonl.gz, .json.gz files"):
         data.load_corpus(str(tmp_path))
 
 
@@ -572,6 +572,13 @@ def test_rebuild_builds_the_cache_again(tmp_path, tokenizer):
     first = data.TokenCache(DOCUMENTS, tokenizer, tmp_path)
     again = data.TokenCache(DOCUMENTS, tokenizer, tmp_path, rebuild=True)
     assert first.built and again.built and again.dir == first.dir
+
+
+def test_a_c4_shard_is_json_lines(tmp_path):
+    import gzip
+    with gzip.open(tmp_path / "c4-train.00000-of-01024.json.gz", "wt", encoding="utf-8") as f:
+        f.write('{"text": "one", "url": "u", "timestamp": "t"}\n{"text": "two", "url": "v", "timestamp": "t"}\n')
+    assert data.Corpus(tmp_path).documents() == ["one", "two"]
 
 
 def test_c4_names_its_shards(monkeypatch):

@@ -1,7 +1,9 @@
 """Chapter 01: the neural language model, its gradients, and the train.py recipe end to end."""
 
+import gzip
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -223,6 +225,37 @@ def test_a_text_file_of_your_own_pretrains_and_the_default_task_finetunes(tmp_pa
     assert json.loads((out_dir / "run.json").read_text())["config"]["data"] == str(corpus)
     trained_on_my_text = BPETokenizer.train(corpus.read_text(), 300, special_tokens=("<|endoftext|>",))
     assert BPETokenizer.load(out_dir / "tokenizer.json").fingerprint == trained_on_my_text.fingerprint
+
+
+def write_mixed_corpus(folder):
+    """A corpus folder of two compressed files: a text file, and JSON lines that keep their text in the field
+    "body". Returns its documents in the corpus's order (the files sorted by path)."""
+    folder.mkdir()
+    text = "\n\n".join(f"Paragraph {i}. The model predicts the next word from the words before it." for i in range(40))
+    rows = [{"id": i, "body": f"Row {i}: the parser reads line {i} and returns its tokens."} for i in range(80)]
+    with gzip.open(folder / "a_notes.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    with gzip.open(folder / "b_rows.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return [text] + [row["body"] for row in rows]
+
+
+def test_a_folder_of_compressed_text_and_json_lines_pretrains(tmp_path):
+    """--data a folder with a .txt.gz and a .jsonl.gz (its text under --text_field body): the BPE is trained on
+    every document, and the token stream holds each one, an end-of-text token between two."""
+    corpus = tmp_path / "corpus"
+    documents = write_mixed_corpus(corpus)
+    out_dir = tmp_path / "out"
+    result = run_train("--data", str(corpus), "--text_field", "body", "--out_dir", str(out_dir), "--device", "cpu",
+                       "--stage", "pretrain")
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokenizer = BPETokenizer.load(out_dir / "tokenizer.json")
+    assert tokenizer.fingerprint == BPETokenizer.train(documents, 300, special_tokens=(train.EOT,)).fingerprint
+    counts = re.search(rf"{re.escape(str(corpus))}: ([\d,]+) train / ([\d,]+) val tokens", result.stdout).groups()
+    separators = len(documents) - 1
+    assert sum(int(n.replace(",", "")) for n in counts) == sum(len(tokenizer.encode(d)) for d in documents) + separators
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["pretrain"]["corpus"] == str(corpus) and report["pretrain"]["val_loss"] < math.log(300)
 
 
 def test_init_from_finetunes_a_checkpoint_as_its_own_run_did(tiny_run, tmp_path):

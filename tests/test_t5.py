@@ -1,7 +1,9 @@
 """Tests for 06_t5: the T5 model (v1.0 and v1.1), span corruption, ROUGE-L and an end-to-end run."""
 
+import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -490,6 +492,43 @@ def test_optimizer_groups_and_rms_scaled_learning_rates():
     assert by_name["shared.weight"]["lr_scale"] > 10 * by_name["encoder.block.0.layer.0.SelfAttention.q.weight"]["lr_scale"]
 
 
+def test_the_gpu_preset_pretrains_on_about_20_tokens_per_parameter():
+    """`small`'s comment, kept honest: T5-small's shape, pretrained on C4 for Chinchilla's compute-optimal
+    ~20 tokens per parameter (the corpus tokens its steps read)."""
+    cfg = train.parse_config(train.Config, presets=train.PRESETS, argv=["--preset", "small"])
+    model = t5.T5(t5.T5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
+                              num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers,
+                              num_heads=cfg.num_heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+    raw_length, _ = train.raw_length_for(cfg.input_length, cfg.noise_density, cfg.mean_noise_span_length)
+    tokens = cfg.max_iters * cfg.batch_size * raw_length
+    assert cfg.data.startswith("c4:") and 18 <= tokens / model.num_parameters() <= 22
+    assert tokens <= int(cfg.data.split(":")[1]) * 170e6                  # C4 shards of ~170M GPT-2 tokens each
+
+
+def test_a_named_corpus_is_downloaded_by_rank_0_while_the_others_wait(monkeypatch):
+    """open_corpus under DDP: for a corpus that downloads, rank 0 opens (downloads) it before the barrier
+    and the other ranks after it, so that no two processes write one file; a local file needs no barrier."""
+    events = []
+
+    class Runtime:
+        def __init__(self, rank):
+            self.rank, self.is_main = rank, rank == 0
+
+        def log(self, *args):
+            pass
+
+        def barrier(self):
+            events.append((self.rank, "barrier"))
+
+    for rank in (0, 1):
+        runtime = Runtime(rank)
+        monkeypatch.setattr(train.data, "Corpus", lambda spec, text_field, log, rank=rank: events.append((rank, spec)))
+        for spec in ("c4:2", "my_corpus.txt"):
+            train.open_corpus(train.Config(data=spec), runtime)
+    assert events == [(0, "c4:2"), (0, "barrier"), (0, "my_corpus.txt"),
+                      (1, "barrier"), (1, "c4:2"), (1, "my_corpus.txt")]
+
+
 def test_learning_rate_schedules():
     assert train.get_lr(0, 1.0, 10, 100, "inverse_sqrt", 0.0) == pytest.approx(0.1)          # warmup: linear
     assert train.get_lr(9, 1.0, 10, 100, "inverse_sqrt", 0.0) == pytest.approx(1.0)
@@ -639,6 +678,44 @@ def test_init_from_the_exported_folder_finetunes_on_a_users_task(tiny_run, tmp_p
     assert {task: row["metric"] for task, row in report["finetune"].items()} == {"module": "accuracy",
                                                                                 "backwards": "rouge_l"}
     assert any(sample["input"].startswith("backwards: Spell") for sample in report["samples"])
+
+
+def write_mixed_corpus(folder):
+    """A corpus folder of two compressed files: a text file, and JSON lines that keep their text in the field
+    "body". Returns its documents in the corpus's order (the files sorted by path)."""
+    folder.mkdir()
+    text = "\n\n".join(f"Paragraph {i}. The model predicts the next word from the words before it." for i in range(40))
+    rows = [{"id": i, "body": f"Row {i}: the parser reads line {i} and returns its tokens."} for i in range(80)]
+    with gzip.open(folder / "a_notes.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    with gzip.open(folder / "b_rows.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return [text] + [row["body"] for row in rows]
+
+
+def test_a_folder_of_compressed_text_and_json_lines_pretrains_and_an_edit_of_it_stops_resume(tmp_path):
+    """--data a folder with a .txt.gz and a .jsonl.gz (its text under --text_field body): the BPE is trained on
+    every document and the token stream holds each one, an end-of-text token between two. The checkpoint
+    records the corpus's fingerprint: once a file changes, --resume refuses to continue on other text."""
+    from common.tokenizer import BPETokenizer
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    documents = write_mixed_corpus(corpus)
+    args = [*tiny_args(out), "--data", str(corpus), "--text_field", "body", "--stage", "pretrain"]
+    result = run_train(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokenizer = BPETokenizer.load(out / "tokenizer.json")
+    sentinels = tuple(f"<extra_id_{i}>" for i in range(train.PRESETS["tiny"]["num_sentinels"]))
+    trained = BPETokenizer.train(documents, 320, special_tokens=train.SPECIAL_TOKENS + sentinels)
+    assert tokenizer.fingerprint == trained.fingerprint
+    counts = re.search(rf"{re.escape(str(corpus))}: ([\d,]+) train / ([\d,]+) val tokens", result.stdout).groups()
+    separators = len(documents) - 1
+    assert sum(int(n.replace(",", "")) for n in counts) == sum(len(tokenizer.encode(d)) for d in documents) + separators
+    assert json.loads((out / "report.json").read_text())["pretrain"]["iters"] == 30
+    with gzip.open(corpus / "b_rows.jsonl.gz", "at", encoding="utf-8") as f:
+        f.write(json.dumps({"body": "One more row, written after the run."}) + "\n")
+    result = run_train(*args, "--resume")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "corpus_fingerprint" in lines[0], result.stderr[-2000:]
 
 
 def test_bad_input_is_one_line_and_nonzero_exit(tiny_run, tmp_path):

@@ -1,9 +1,11 @@
 """Chapter 03: the encoder-decoder Transformer (model properties, metrics, and one tiny end-to-end run)."""
 
+import gzip
 import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -572,6 +574,42 @@ def test_init_from_finetunes_a_finished_run_on_instruction_rows(tiny_run, tmp_pa
     result = subprocess.run(tiny_command(finetuned) + ["--stage", "pretrain"], capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 2 and "--out_dir" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def write_mixed_corpus(folder):
+    """A corpus folder of two compressed files: a text file, and JSON lines that keep their text in the field
+    "body". Returns its documents in the corpus's order (the files sorted by path)."""
+    folder.mkdir()
+    text = "\n\n".join(f"Paragraph {i}. The model predicts the next word from the words before it." for i in range(40))
+    rows = [{"id": i, "body": f"Row {i}: the parser reads line {i} and returns its tokens."} for i in range(80)]
+    with gzip.open(folder / "a_notes.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    with gzip.open(folder / "b_rows.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return [text] + [row["body"] for row in rows]
+
+
+def test_a_folder_of_compressed_text_and_json_lines_pretrains_and_an_edit_of_it_stops_resume(tmp_path):
+    """--data a folder with a .txt.gz and a .jsonl.gz (its text under --text_field body): the BPE is trained on
+    every document and the token stream holds each one, an end-of-text token between two. The checkpoint
+    records the corpus's fingerprint: once a file changes, --resume refuses to continue on other text."""
+    from common.tokenizer import BPETokenizer
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    documents = write_mixed_corpus(corpus)
+    command = tiny_command(out) + ["--data", str(corpus), "--text_field", "body", "--stage", "pretrain"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokenizer = BPETokenizer.load(out / "tokenizer.json")
+    assert tokenizer.fingerprint == BPETokenizer.train(documents, 300, special_tokens=T.SPECIAL_TOKENS).fingerprint
+    counts = re.search(rf"{re.escape(str(corpus))}: ([\d,]+) train / ([\d,]+) val tokens", result.stdout).groups()
+    separators = len(documents) - 1
+    assert sum(int(n.replace(",", "")) for n in counts) == sum(len(tokenizer.encode(d)) for d in documents) + separators
+    assert json.loads((out / "report.json").read_text())["pretrain"]["iters"] == 30
+    with gzip.open(corpus / "b_rows.jsonl.gz", "at", encoding="utf-8") as f:
+        f.write(json.dumps({"body": "One more row, written after the run."}) + "\n")
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "corpus_fingerprint" in lines[0], result.stderr[-2000:]
 
 
 def test_bad_input_is_one_line_and_nonzero_exit(tiny_run, tmp_path):
