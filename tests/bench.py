@@ -33,7 +33,6 @@ Figures vary with the machine and its load; run it on an otherwise idle machine.
 """
 
 import argparse
-import itertools
 import statistics
 import sys
 import time
@@ -288,8 +287,8 @@ started = time.perf_counter()
 from common import data
 from common.tokenizer import BPETokenizer
 corpus = data.Corpus(sys.argv[2], log=lambda line: None)
-tokenizer = BPETokenizer.load_or_train(list(corpus.sample_texts(100e6)), 16384, special_tokens=("<|endoftext|>",),
-                                       log=lambda line: print(line, file=sys.stderr))
+tokenizer = BPETokenizer.load_or_train(lambda: corpus.sample_texts(100e6), 16384, special_tokens=("<|endoftext|>",),
+                                       log=lambda line: print(line, file=sys.stderr), key=corpus.fingerprint)
 tokenizer_done = time.perf_counter()
 tokens = data.TokenCache(corpus, tokenizer, log=lambda line: print(line, file=sys.stderr))
 done = time.perf_counter()
@@ -298,8 +297,7 @@ print(json.dumps({"seconds": done - started, "tokenizer_seconds": tokenizer_done
                   "cache_seconds": done - tokenizer_done, "tokens": sum(tokens.meta["num_tokens"].values()),
                   "encode_seconds": tokens.meta["seconds"], "characters": tokens.meta["characters"],
                   "workers": tokens.meta["workers"], "built": tokens.built,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1e6,
-                  "children_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib / 1e6}))
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1e6}))
 """
 
 
@@ -356,14 +354,20 @@ def bench_data(corpus_mb, data_dir):
             runs[run] = json.loads(result.stdout.strip().splitlines()[-1])
             figures = runs[run]
             print(f"{run:<13} {figures['seconds']:6.1f} s (tokenizer {figures['tokenizer_seconds']:.1f} s, token "
-                  f"cache {figures['cache_seconds']:.1f} s)  peak RSS {figures['rss_mb']:,.0f} MB, workers "
-                  f"{figures['children_rss_mb']:,.0f} MB each at most")
+                  f"cache {figures['cache_seconds']:.1f} s)  peak RSS {figures['rss_mb']:,.0f} MB (the encoding "
+                  f"workers are forked from it and share its pages)")
         tokenizer_files = list(Path(cache, "tokenizers").glob("*.json"))
         tokenizer = BPETokenizer.load(tokenizer_files[0])
     first = runs["first run"]
     encode_rate = first["characters"] / first["encode_seconds"]
     # the cores' limit: one thread of tiktoken on the same kind of bytes, times the cores
-    sample = "".join(text for text, _ in itertools.islice(corpus.pieces(), 15))
+    pieces, size = [], 0
+    for text, _ in corpus.pieces():                       # ~30 MB of the corpus, for one thread of tiktoken
+        pieces.append(text)
+        size += len(text)
+        if size >= 30e6:
+            break
+    sample = "".join(pieces)
     encoding = tiktoken.Encoding("bench", pat_str=tokenizer.pattern, mergeable_ranks=tokenizer.ranks,
                                  special_tokens=tokenizer.special_tokens)
     start = time.perf_counter()
