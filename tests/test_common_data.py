@@ -581,6 +581,30 @@ def test_a_c4_shard_is_json_lines(tmp_path):
     assert data.Corpus(tmp_path).documents() == ["one", "two"]
 
 
+def test_c4_and_tinystories_download_their_files_once_and_stream_them(tmp_path, monkeypatch, file_server):
+    """c4:N fetches the first N shards (JSON lines, gzip), tinystories its two text files whose stories end
+    with a literal <|endoftext|>; both from a local server standing in for Hugging Face's."""
+    import gzip
+    site, url = file_server
+    monkeypatch.setenv("LLMFS_CACHE", str(tmp_path / "cache"))
+    for index in range(3):
+        with gzip.open(site / f"c4-train.{index:05d}-of-01024.json.gz", "wt", encoding="utf-8") as f:
+            f.write(json.dumps({"text": f"shard {index} document", "url": "u", "timestamp": "t"}) + "\n")
+    monkeypatch.setattr(data, "C4_SHARD_URL", url + "/c4-train.{index:05d}-of-01024.json.gz")
+    corpus = data.Corpus("c4:2")
+    assert corpus.documents() == ["shard 0 document", "shard 1 document"]
+    assert sorted(CountingHandler.requests) == ["/c4-train.00000-of-01024.json.gz", "/c4-train.00001-of-01024.json.gz"]
+    assert data.Corpus("c4").documents() == ["shard 0 document"] and len(CountingHandler.requests) == 2
+    (site / "train.txt").write_text("Once upon a time.\n<|endoftext|>\nThe end.\n", encoding="utf-8")
+    (site / "valid.txt").write_text("A short one.\n", encoding="utf-8")
+    monkeypatch.setitem(data.CORPUS_URLS, "tinystories", [f"{url}/train.txt", f"{url}/valid.txt"])
+    stories = data.Corpus("tinystories")
+    assert stories.documents() == ["Once upon a time.\n<|endoftext|>\nThe end.\n", "A short one.\n"]
+    tokenizer = BPETokenizer.train("Once upon a time. The end. A short one.", 270, special_tokens=("<|endoftext|>",))
+    tokens = data.TokenCache(stories, tokenizer, tmp_path / "tokens", val_fraction=0)
+    assert (np.asarray(tokens.memmap("train")) == tokenizer.eot_id).sum() == 2   # the literal one + the file break
+
+
 def test_c4_names_its_shards(monkeypatch):
     assert data.corpus_urls("c4") == [data.C4_SHARD_URL.format(index=0)]
     assert data.corpus_urls("c4:3")[-1].endswith("c4-train.00002-of-01024.json.gz")

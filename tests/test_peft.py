@@ -1200,3 +1200,18 @@ def test_base_auto_starts_from_chapter_05s_finished_run(tiny_run, train, tmp_pat
     torch.save({**ckpt, "iter": 5}, chapter_05 / "ckpt.pt")
     cfg, note = train.resolve_base(train.parse_config(train.Config, train.PRESETS, args))
     assert cfg.base == "" and note.startswith("base model: pretrained here") and "stopped run (iter 5 of 16)" in note
+
+
+def test_a_base_pretrained_here_reads_a_folder_of_compressed_json_lines(train, tmp_path):
+    """--data a folder with a .jsonl.gz whose text is in the field --text_field names: the base pretrains
+    on it (streamed; the tokenizer trained on its sample)."""
+    import gzip
+    documents = train.data.corpus_documents("pydocs")[:300]
+    (tmp_path / "corpus").mkdir()
+    with gzip.open(tmp_path / "corpus" / "rows.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"body": d}) + "\n" for d in documents)
+    report = train.main(["--preset", "tiny", "--stage", "pretrain", "--device", "cpu", "--data", str(tmp_path / "corpus"),
+                         "--text_field", "body", "--out_dir", str(tmp_path / "out")])
+    assert report["pretrain"]["val_loss"] < math.log(300)
+    tokenizer = train.BPETokenizer.load(tmp_path / "out" / "tokenizer.json")
+    assert tokenizer.fingerprint == train.BPETokenizer.train(documents, 300, special_tokens=("<|endoftext|>",)).fingerprint
