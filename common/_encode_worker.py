@@ -20,4 +20,6 @@ def encode(text):
     """The ids of `text` (special-token strings in it read as those tokens), as bytes of `dtype`."""
     if _nfc:
         text = unicodedata.normalize("NFC", text)
+    if hasattr(_encoding, "encode_to_numpy"):     # tiktoken 0.7+: the ids as an array, no Python ints (~25% faster)
+        return _encoding.encode_to_numpy(text, allowed_special="all").astype(_dtype).tobytes()
     return np.asarray(_encoding.encode(text, allowed_special="all"), dtype=_dtype).tobytes()

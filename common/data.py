@@ -23,6 +23,7 @@ seconds), downloads ("shakespeare", "wikitext-2") and encoded token streams (`To
 
 import bisect
 import csv
+import functools
 import gzip
 import hashlib
 import inspect
@@ -602,7 +603,7 @@ class Corpus:
             if error.start < len(head) - 4:                    # not just a character cut at the block's end
                 raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {error.start})") from None
 
-    @property
+    @functools.cached_property
     def fingerprint(self):
         """A short digest that changes when the corpus does (see the class docstring for files)."""
         if self.memory_documents is not None:
@@ -751,7 +752,7 @@ class TokenCache:
         pieces = itertools.islice(corpus.pieces(), skip, None)
         if workers <= 1:
             for text, starts in pieces:
-                ids = np.asarray(tokenizer.encode(text, allowed_special="all"), dtype=self.dtype).tobytes()
+                ids = tokenizer.encode_to_numpy(text, allowed_special="all", dtype=self.dtype).tobytes()
                 yield ids, starts, len(text)
             return
         # Processes, not threads: tiktoken's threads hold the GIL while turning ids into Python ints, and reach

@@ -41,6 +41,7 @@ import unicodedata
 from collections import Counter, defaultdict, deque
 from pathlib import Path
 
+import numpy as np
 import regex
 import tiktoken
 
@@ -485,6 +486,14 @@ class BPETokenizer:
         text = self.normalize(text)
         allowed = self._check_special(text, allowed_special)
         return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def encode_to_numpy(self, text, allowed_special=(), dtype="uint32"):
+        """`encode` as a numpy array of `dtype`; tiktoken 0.7+ builds it without Python ints (~25% faster)."""
+        text = self.normalize(text)
+        allowed = self._check_special(text, allowed_special)
+        if hasattr(self._encoding, "encode_to_numpy"):
+            return self._encoding.encode_to_numpy(text, allowed_special=allowed, disallowed_special=()).astype(dtype)
+        return np.asarray(self._encoding.encode(text, allowed_special=allowed, disallowed_special=()), dtype=dtype)
 
     def encode_batch(self, texts, allowed_special=(), num_threads=8):
         """Many texts -> lists of ids, encoded in parallel threads by tiktoken."""

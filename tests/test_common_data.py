@@ -373,7 +373,8 @@ def test_token_cache_is_reused_and_rebuilt_when_corpus_or_tokenizer_change(tmp_p
     assert first.built
     stamp = (first.dir / "train.bin").stat().st_mtime_ns
     calls = []
-    monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: calls.append(1) or BPETokenizer.encode(tokenizer, *a, **k))
+    monkeypatch.setattr(tokenizer, "encode_to_numpy",
+                        lambda *a, **k: calls.append(1) or BPETokenizer.encode_to_numpy(tokenizer, *a, **k))
     second = data.TokenCache(DOCUMENTS, tokenizer, tmp_path)
     assert not second.built and not calls and second.dir == first.dir
     assert (second.dir / "train.bin").stat().st_mtime_ns == stamp
@@ -540,7 +541,7 @@ def test_a_stopped_token_cache_build_continues_where_it_stopped(tmp_path, tokeni
     (tmp_path / "long.txt").write_text(text, encoding="utf-8")
     monkeypatch.setattr(data, "PIECE_CHARS", 10_000)
     whole = data.TokenCache(tmp_path / "long.txt", tokenizer, tmp_path / "whole")
-    encoded, real_encode = [], BPETokenizer.encode
+    encoded, real_encode = [], BPETokenizer.encode_to_numpy
 
     def encode_then_stop(self, piece, **kwargs):
         encoded.append(len(piece))
@@ -550,13 +551,13 @@ def test_a_stopped_token_cache_build_continues_where_it_stopped(tmp_path, tokeni
 
     clock = iter(range(0, 10**6, 10))                     # 10 "seconds" a call: progress is saved every piece
     monkeypatch.setattr(data.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setattr(BPETokenizer, "encode", encode_then_stop)
+    monkeypatch.setattr(BPETokenizer, "encode_to_numpy", encode_then_stop)
     with pytest.raises(KeyboardInterrupt):
         data.TokenCache(tmp_path / "long.txt", tokenizer, tmp_path / "cut")
     building = next((tmp_path / "cut").glob("*.building"))
     saved = json.loads((building / "progress.json").read_text())
     assert 5 <= saved["pieces"] < 12 and not list((tmp_path / "cut").glob("*[!g]"))  # no finished folder
-    monkeypatch.setattr(BPETokenizer, "encode", lambda self, piece, **kw: encoded.append(len(piece)) or
+    monkeypatch.setattr(BPETokenizer, "encode_to_numpy", lambda self, piece, **kw: encoded.append(len(piece)) or
                         real_encode(self, piece, **kw))
     encoded.clear()
     logs = []

@@ -671,3 +671,12 @@ def test_save_hf_gives_the_tokenizers_library_and_transformers_our_ids(tmp_path,
         assert theirs.decode(ids, skip_special_tokens=False) == sample
     assert auto(texts[-1], add_special_tokens=False)["input_ids"] == ours.encode(texts[-1])
     assert auto.eos_token == EOT
+
+
+def test_encode_to_numpy_equals_encode(tok, text):
+    sample = text[:20_000] + EOT + "café"
+    ids = tok.encode(sample, allowed_special="all")
+    array = tok.encode_to_numpy(sample, allowed_special="all", dtype="uint16")
+    assert array.dtype.name == "uint16" and array.tolist() == ids
+    with pytest.raises(ValueError, match="allowed_special"):
+        tok.encode_to_numpy(EOT)
