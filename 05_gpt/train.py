@@ -1,10 +1,11 @@
-"""Chapter 05: pretrain a GPT, then finetune it to follow instructions and to classify, then deploy it.
+"""Chapter 05: pretrain a GPT, tune it to chat (SFT, then DPO) and to classify, deploy it, talk to it.
 
     python 05_gpt/train.py                                  # everything, on 2 CPU cores in ~5 minutes
     python 05_gpt/train.py --preset tiny                    # seconds: a smoke test, in out/05_gpt-tiny
     python 05_gpt/train.py --device cuda --preset gpt2-124m --data my_corpus.txt
     torchrun --standalone --nproc_per_node=2 05_gpt/train.py
     python 05_gpt/train.py --stage sample --prompt "def "
+    python 05_gpt/train.py --stage chat                     # talk to the tuned model (or 05_gpt/chat.py)
 
 The recipe, top to bottom:
  1. config and flags              every field of `Config` is a flag; --preset tiny | default | gpt2-124m
@@ -14,11 +15,16 @@ The recipe, top to bottom:
  4. pretraining                   L_LM = -sum_t log p(x_t | x_<t), AdamW, warmup + cosine decay,
                                   gradient accumulation and clipping, periodic val loss / perplexity,
                                   atomic checkpoints, --resume, Ctrl-C saves first
- 5. instruction finetuning        python-qa: a prompt template, loss on response tokens only
+ 5. chat SFT                      multi-turn conversations in a chat template (chat.py: ChatML's
+                                  <|im_start|> / <|im_end|>, reserved in the tokenizer), loss on the
+                                  assistant's tokens only
  6. classification finetuning     docstring-module: a head on the last token, L = L_CE + lambda L_LM
     (both from the pretrained model and from scratch with the same budget, early stopping on val)
+ 6b. preference tuning (DPO)      L_DPO = -log sigmoid(beta [(log pi(y_w|x) - log pi_ref(y_w|x))
+                                  - (log pi(y_l|x) - log pi_ref(y_l|x))]), the SFT model as pi_ref
  7. deployment                    int8 weights with per-channel scales: size, speed, metric
  8. report                        a table and out_dir/report.json (--stage X updates its part), samples
+ 9. chat                          --stage chat: the KV cache kept across turns, tokens streamed
 """
 
 import copy
@@ -29,7 +35,6 @@ import random
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,23 +48,28 @@ sys.path.insert(0, str(HERE.parent))  # so that `common` imports from any workin
 from common import data, load_module  # noqa: E402
 from common.checkpoint import claim_out_dir, load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.config import UserError, parse_config, run_main  # noqa: E402
+from common import parallel  # noqa: E402
 from common.report import Progress, format_seconds, format_table, print_report, write_report  # noqa: E402
 from common.runtime import StopFlag, setup  # noqa: E402
 from common.tokenizer import BPETokenizer  # noqa: E402
 
 gpt_model = load_module(HERE / "model.py")
 GPT, GPTConfig, GPTClassifier = gpt_model.GPT, gpt_model.GPTConfig, gpt_model.GPTClassifier
+chat = load_module(HERE / "chat.py")          # chat templates and the chat session
 
 EOT = "<|endoftext|>"
-STAGES = ("all", "pretrain", "finetune", "sample", "ablation")
-BUILTIN_TASKS = {"python-qa": "instruction", "docstring-module": "classification"}
+# The pretraining tokenizer reserves ChatML's two tokens (as nanochat reserves its chat tokens): pretraining
+# never sees them, chat SFT teaches them, and the vocabulary need not change between the two.
+SPECIAL_TOKENS = (EOT, chat.IM_START, chat.IM_END)
+STAGES = ("all", "pretrain", "finetune", "sample", "ablation", "chat")
+BUILTIN_TASKS = {"chat": "chat", "docstring-module": "classification"}
 
 
 # ----------------------------------------------------------------------------------------- 1. config
 @dataclass
 class Config:
     # what to run
-    stage: str = "all"               # all | pretrain | finetune | sample | ablation (GPT-2 -> Llama, step by step)
+    stage: str = "all"               # all | pretrain | finetune | sample | ablation (GPT-2 -> Llama) | chat
     out_dir: str = "out/05_gpt"      # checkpoints, tokenizer and report.json go here
     resume: bool = False             # continue a stopped pretraining run from out_dir/ckpt.pt
     init_from: str = ""              # a Hugging Face folder (GPT-2, Llama, Qwen) to finetune, not pretrain
@@ -96,8 +106,8 @@ class Config:
     eval_iters: int = 20             # batches per loss estimate
     log_interval: int = 25           # print a progress line this often
     # finetuning
-    tasks: str = "python-qa,docstring-module"  # built-in tasks to finetune on, comma-separated
-    task: str = ""                   # your own .jsonl/.csv task instead (text,label | instruction,input,response | input,target)
+    tasks: str = "chat,docstring-module"  # built-in tasks to finetune on, comma-separated
+    task: str = ""                   # your own .jsonl/.csv task instead (messages | text,label | instruction,input,response | input,target)
     num_labels: int = 10             # docstring-module: classify among the most frequent modules
     ft_iters: int = 200              # finetuning steps per run (pretrained and scratch alike)
     ft_batch_size: int = 16          # finetuning batch size
@@ -110,6 +120,16 @@ class Config:
     max_ft_examples: int = 0         # cap train examples per task, keeping every label (0 = all)
     scratch: bool = True             # also finetune a randomly initialised model for comparison
     quantize: bool = True            # int8-quantise the finetuned models and compare
+    # preference tuning (DPO), after chat SFT, from the SFT model, which stays frozen as the reference
+    dpo: bool = True                 # run DPO after chat SFT
+    preferences: str = "pydocs"      # preference pairs: pydocs (built in) | a .jsonl of prompt,chosen,rejected
+    dpo_beta: float = 0.1            # beta in L_DPO: how far the policy may move from the reference
+    dpo_iters: int = 200             # DPO steps
+    dpo_batch_size: int = 16         # preference pairs per step (each gives a chosen and a rejected sequence)
+    dpo_lr: float = 2e-4             # DPO peak learning rate (5e-4 overfits: val L_DPO above log 2, greedy answers break)
+    dpo_eval_interval: int = 50      # evaluate on val pairs this often; keep the best checkpoint
+    # chat (--stage chat; --max_new_tokens, --temperature, --top_k, --top_p apply)
+    system: str = ""                 # a system prompt for the conversation (empty: none)
     # sampling
     prompt: str = ""                 # text to continue (default: a fresh document)
     num_samples: int = 3             # samples printed at the end
@@ -122,13 +142,17 @@ class Config:
     dtype: str = "auto"              # auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     compile: bool = False            # torch.compile the model
     seed: int = 1337                 # same seed, same device -> same result
+    # model parallelism (under torchrun; finetuning stays data-parallel, on the consolidated model)
+    parallel: str = "ddp"            # ddp (a model copy per rank) | fsdp (parameters, gradients, AdamW sharded) | tp (by heads)
+    tp_size: int = 0                 # --parallel tp: ranks per tensor-parallel group (0 = all); FSDP across the groups (2-D)
+    activation_checkpointing: bool = False  # keep only each block's input, recompute the block in backward
 
 
 PRESETS = {
     "tiny": dict(vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4,
                  max_iters=20, warmup_iters=2, eval_interval=10, eval_iters=2, log_interval=5,
                  ft_iters=8, ft_batch_size=4, ft_eval_interval=4, max_ft_examples=64, num_samples=1,
-                 max_new_tokens=8),
+                 max_new_tokens=8, dpo_iters=8, dpo_batch_size=4, dpo_eval_interval=4),
     "default": {},   # the defaults: all stages in about 5 minutes on 2 CPU cores
     # GPT-2 small's shape on TinyStories (downloaded once, 2.2 GB): 7,500 steps of 16 x 4 x 1024 tokens are
     # 490M tokens, about one pass over it and 4 tokens per parameter (Chinchilla's compute-optimal 20 would be
@@ -208,16 +232,20 @@ def check_config(cfg):
         raise UserError(f"RoPE rotates pairs of dimensions: n_embd / n_head ({cfg.n_embd // cfg.n_head}) must be even")
     if not cfg.rope_theta > 0:
         raise UserError(f"--rope_theta must be positive, got {cfg.rope_theta}")
+    if not cfg.tokenizer_sample_mb > 0:
+        raise UserError(f"--tokenizer_sample_mb must be positive, got {cfg.tokenizer_sample_mb}")
     if cfg.stage == "ablation" and cfg.init_from:
         raise UserError("--stage ablation pretrains every row from scratch: --init_from has no place in it")
+    parallel.check_parallel_config(cfg.parallel, cfg.tp_size, cfg.n_head, cfg.n_kv_head or cfg.n_head,
+                                   swiglu_width(cfg.n_embd) if cfg.arch == "llama" else 4 * cfg.n_embd)
     if cfg.attn_impl not in ("sdpa", "explicit"):
         raise UserError(f"unknown attn_impl {cfg.attn_impl!r} (valid: sdpa, explicit)")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
                  "eval_interval", "eval_iters", "log_interval", "ft_iters", "ft_batch_size", "ft_eval_interval",
-                 "patience", "num_samples", "max_new_tokens"):
+                 "patience", "num_samples", "max_new_tokens", "dpo_iters", "dpo_batch_size", "dpo_eval_interval"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("lr", "ft_lr"):
+    for name in ("lr", "ft_lr", "dpo_lr", "dpo_beta"):
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("min_lr", "warmup_iters", "weight_decay", "grad_clip", "lm_aux_weight", "max_ft_examples"):
@@ -230,8 +258,9 @@ def check_config(cfg):
         raise UserError(f"--freeze_layers must be -1 (train all) or a number of blocks, got {cfg.freeze_layers}")
     if cfg.num_labels < 2:
         raise UserError(f"--num_labels must be at least 2, got {cfg.num_labels}")
-    if cfg.vocab_size < 257 and not cfg.init_from:
-        raise UserError(f"--vocab_size must be at least 257 (256 bytes + {EOT}), got {cfg.vocab_size}")
+    if cfg.vocab_size < 256 + len(SPECIAL_TOKENS) and not cfg.init_from:
+        raise UserError(f"--vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + "
+                        f"{', '.join(SPECIAL_TOKENS)}), got {cfg.vocab_size}")
     unknown = [t for t in cfg.tasks.split(",") if t and t not in BUILTIN_TASKS]
     if unknown and not cfg.task:
         raise UserError(f"unknown task {unknown[0]!r} (built-in: {', '.join(BUILTIN_TASKS)}; "
@@ -285,6 +314,23 @@ def load_pretrained_run(out_dir, rt):
     if ckpt["iter"] < planned:
         rt.log(f"note: {ckpt_path} is a stopped run (iter {ckpt['iter']} of {planned}); --resume continues it")
     return base, tokenizer, ckpt.get("report")
+
+
+def load_tuned_chat_model(base, out_dir, rt):
+    """--stage chat: load into `base` the latest chat-tuned weights in out_dir (DPO's chat_dpo.pt, or a chat
+    SFT run's ft_<task>_pretrained.pt: the newest checkpoint whose "kind" is chat)."""
+    found = []
+    for path in [out_dir / "chat_dpo.pt", *sorted(out_dir.glob("ft_*_pretrained.pt"))]:
+        if path.exists():
+            ckpt = load_checkpoint(path, map_location=rt.device)
+            if ckpt.get("kind") == "chat":
+                found.append((path.stat().st_mtime, path, ckpt))
+    if not found:
+        raise UserError(f"no chat-tuned model in {out_dir}: run --stage finetune (chat SFT and DPO) first, or "
+                        "pass --init_from a Hugging Face instruct folder")
+    _, path, ckpt = max(found, key=lambda item: item[0])
+    load_model_state(base, ckpt["model"], path)
+    rt.log(f"chat model: {path} (iter {ckpt['iter']})")
 
 
 def load_gpt2_folder(cfg, rt):
@@ -384,13 +430,9 @@ def pretrain(cfg, rt, tokenizer, tokens, out_dir, stopped=None, model_config=Non
         raise UserError(f"{ckpt_path} was saved for another model config ({stopped.get('model_config')}); "
                         f"use the same flags, or another --out_dir")
     model = GPT(model_config).to(rt.device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), rt.device_type)
     start_iter, best_val, history, seconds_before = 0, float("inf"), [], 0.0
     if stopped is not None:
-        load_model_state(model, stopped["model"], ckpt_path)
-        optimizer.load_state_dict(stopped["optimizer"])
-        if stopped.get("scaler"):
-            rt.scaler.load_state_dict(stopped["scaler"])
+        load_model_state(model, stopped["model"], ckpt_path)   # whole tensors, before any sharding
         torch.set_rng_state(stopped["torch_rng"])          # dropout draws from the global generators
         if rt.device_type == "cuda":
             torch.cuda.set_rng_state(stopped["cuda_rng"])
@@ -405,8 +447,21 @@ def pretrain(cfg, rt, tokenizer, tokens, out_dir, stopped=None, model_config=Non
            f"{model_config.norm}, {model_config.pos} positions, {model_config.mlp}"
            f"{f', {model_config.kv_heads} kv heads' if model_config.kv_heads != model_config.n_head else ''}"
            f"{', QK-norm' if model_config.qk_norm else ''})")
-    train_model = rt.wrap(rt.maybe_compile(model))
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * rt.world_size
+    # Data parallel (DDP: a whole copy per rank) or model parallel (--parallel fsdp | tp: each rank holds a
+    # shard). The optimizer is built after sharding, so that AdamW's moments are sharded like the parameters.
+    par = parallel.setup_parallel(rt, cfg.parallel, cfg.tp_size, dataclasses.asdict(cfg))
+    if cfg.activation_checkpointing:
+        parallel.checkpoint_blocks(model)
+    if par.sharded:
+        model = par.shard(model, mixed_precision=rt.dtype if rt.device_type == "cuda" else None)
+        rt.log(par.describe(model_config))
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), rt.device_type)
+    if stopped is not None:
+        parallel.load_full_optimizer_state_dict(model, optimizer, stopped["optimizer"], par)
+        if stopped.get("scaler"):
+            rt.scaler.load_state_dict(stopped["scaler"])
+    train_model = rt.maybe_compile(model) if par.sharded else rt.wrap(rt.maybe_compile(model))
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * par.dp_size
     progress = Progress(cfg.max_iters, tokens_per_iter, log=rt.log, log_interval=cfg.log_interval,
                         flops_per_token=model.num_flops_per_token(), device=rt.device, dtype=rt.dtype,
                         start_iter=start_iter)
@@ -416,14 +471,19 @@ def pretrain(cfg, rt, tokenizer, tokens, out_dir, stopped=None, model_config=Non
                 "perplexity": math.exp(best_val) if best_val < 50 else None,
                 "tokens_per_second": progress.average_tokens_per_second,
                 "seconds": seconds_before + progress.seconds, "iters": cfg.max_iters,
-                "parameters": model.num_parameters(), "history": history}
+                "parameters": model.num_parameters(), "history": history,
+                **({"memory": memory} if memory else {})}
 
     def save(it):
-        """Everything --resume needs to continue exactly: weights, optimizer, step, RNG states, bookkeeping."""
+        """Everything --resume needs to continue exactly: weights, optimizer, step, RNG states, bookkeeping.
+        Sharded runs gather the whole tensors first (every rank takes part), so that ckpt.pt is the file one
+        process writes and reads (see common/parallel.py for why not torch.distributed.checkpoint)."""
+        model_state = parallel.full_state_dict(model, par)
+        optimizer_state = parallel.full_optimizer_state_dict(model, optimizer, par)
         if rt.is_main:
             tokenizer.save(out_dir / "tokenizer.json")
             save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(),
+                "model": model_state, "optimizer": optimizer_state, "scaler": rt.scaler.state_dict(),
                 "model_config": dataclasses.asdict(model_config), "config": dataclasses.asdict(cfg),
                 "iter": it, "best_val_loss": best_val, "history": history, "torch_rng": torch.get_rng_state(),
                 **({"cuda_rng": torch.cuda.get_rng_state()} if rt.device_type == "cuda" else {}),
@@ -432,6 +492,7 @@ def pretrain(cfg, rt, tokenizer, tokens, out_dir, stopped=None, model_config=Non
                 "report": pretrain_report(), "seconds": seconds_before + progress.seconds,
             })
 
+    memory = None
     model.train()
     with StopFlag() as stop:
         for it in range(start_iter, cfg.max_iters):
@@ -440,14 +501,16 @@ def pretrain(cfg, rt, tokenizer, tokens, out_dir, stopped=None, model_config=Non
                 group["lr"] = lr
             # This step's windows depend on (seed, step, rank) alone, so a resumed run, on every rank,
             # draws the very batches the stopped run would have drawn next.
-            batch_generator = torch.Generator().manual_seed(cfg.seed * 2**32 + it * rt.world_size + rt.rank)
+            # (The rank is the data-parallel one: the ranks of a tensor-parallel group share their batch.)
+            batch_generator = torch.Generator().manual_seed(cfg.seed * 2**32 + it * par.dp_size + par.dp_rank)
             for micro_step in range(cfg.grad_accum):
                 x, y = tokens.get_batch("train", cfg.batch_size, cfg.block_size, rt.device, batch_generator)
-                # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
-                sync = nullcontext() if not rt.ddp or micro_step == cfg.grad_accum - 1 else train_model.no_sync()
-                with sync, rt.autocast():
+                # Under DDP / FSDP, gradients are averaged across ranks only on the last micro-batch of the step.
+                with par.gradient_sync(train_model, micro_step == cfg.grad_accum - 1, rt.ddp), rt.autocast():
                     _, loss = train_model(x, y)
                 rt.scaler.scale(loss / cfg.grad_accum).backward()
+            if it == start_iter:   # what each rank holds: parameters and gradients now, AdamW's moments after the step
+                held = parallel.state_bytes(model)
             # the optimizer step (same in every train.py)
             if cfg.grad_clip > 0:
                 rt.scaler.unscale_(optimizer)
@@ -455,6 +518,10 @@ def pretrain(cfg, rt, tokenizer, tokens, out_dir, stopped=None, model_config=Non
             rt.scaler.step(optimizer)
             rt.scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if it == start_iter:
+                held["optimizer"] = parallel.optimizer_bytes(optimizer)
+                memory = {"state_bytes_per_rank": parallel.gather_objects(rt, held)}
+                rt.log(parallel.describe_memory(memory["state_bytes_per_rank"]))
             progress.step(it, loss=loss, lr=lr)
 
             # once in a while: val loss, a sample, a checkpoint
@@ -472,6 +539,13 @@ def pretrain(cfg, rt, tokenizer, tokens, out_dir, stopped=None, model_config=Non
                 save(it + 1)
                 rt.log(f"interrupted: saved {ckpt_path} at iter {it + 1}; continue with --resume")
                 sys.exit(130)
+    memory["peak_bytes_per_rank"] = parallel.gather_objects(rt, parallel.peak_memory_bytes(rt.device))
+    rt.log(f"peak memory per rank: {', '.join(f'{b / 2**20:.0f} MiB' for b in memory['peak_bytes_per_rank'])} "
+           f"({'allocated on the GPU' if rt.device_type == 'cuda' else 'resident set size'})")
+    if par.sharded:   # finetuning, sampling and export go on with the whole model, as after a DDP run
+        full = parallel.full_state_dict(model, par)
+        model = GPT(model_config).to(rt.device)
+        load_model_state(model, full, ckpt_path)
     return model, pretrain_report()
 
 
@@ -494,33 +568,34 @@ def ablation(cfg, rt, tokenizer, tokens, corpus, out_dir):
 
 
 # ------------------------------------------------------------------------------ 5-6. finetuning data
-PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+def chat_example(tokenizer, template, messages, block_size):
+    """(input ids, label ids) of one conversation: labels are -100 everywhere but on the assistant's tokens
+    (its answers and their stop tokens), so only those are learned:
 
+        L = -sum over assistant positions t of log p(x_t | x_<t); roles, system and user text are context.
 
-def format_prompt(example):
-    """The instruction template (Alpaca style): the model learns to answer after "### Response:"."""
-    input_block = f"### Input:\n{example['input']}\n\n" if example.get("input") else ""
-    return PROMPT_TEMPLATE.format(instruction=example["instruction"], input_block=input_block)
-
-
-def instruction_example(tokenizer, example, block_size):
-    """(input ids, label ids): labels are -100 on the prompt, so only the response (+ EOT) is learned.
-
-    Loss masking: L = -sum over response positions t of log p(x_t | x_<t); the prompt is context only.
+    A conversation longer than the context keeps block_size + 1 tokens: from the start (its later turns are
+    cut), unless the first answer starts past the middle of the context; then the window starts
+    block_size / 2 tokens before that answer (a very long first message keeps its end).
     """
-    prompt = tokenizer.encode(format_prompt(example))
-    response = tokenizer.encode(example["response"]) + [tokenizer.eot_id]
-    prompt = prompt[-(block_size // 2):]                 # a very long prompt keeps its end
-    sequence = (prompt + response)[:block_size + 1]
-    labels = ([-100] * len(prompt) + response)[:block_size + 1]
-    return sequence[:-1], labels[1:]                       # labels[t] is the token after sequence[t]
+    ids, assistant_mask = template.render(tokenizer, messages)
+    first_answer = assistant_mask.index(1) if 1 in assistant_mask else 0
+    start = max(0, first_answer - block_size // 2) if len(ids) > block_size + 1 else 0
+    ids, assistant_mask = ids[start:start + block_size + 1], assistant_mask[start:start + block_size + 1]
+    labels = [token if learned else -100 for token, learned in zip(ids, assistant_mask)]
+    return ids[:-1], labels[1:]                            # labels[t] is the token after ids[t]
 
 
-def as_instruction(example):
-    """User files with input,target columns become instructions too."""
-    if "instruction" in example:
+def as_conversation(example):
+    """A conversation {"messages": [...]} as it is; a user's instruction,input,response or input,target row
+    as a one-turn conversation (the input below the instruction, in the user's message)."""
+    if "messages" in example:
         return example
-    return {"instruction": example["input"], "input": "", "response": example["target"]}
+    if "instruction" in example:
+        user = example["instruction"] + (f"\n\n{example['input']}" if example.get("input") else "")
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": example["response"]}]}
+    return {"messages": [{"role": "user", "content": example["input"]},
+                         {"role": "assistant", "content": example["target"]}]}
 
 
 def capped(examples, cap, seed, task, keep_every_label=False):
@@ -549,10 +624,14 @@ def load_finetuning_tasks(cfg):
     tasks = {}
     for name in names:
         task = Path(name).stem if cfg.task else name
-        splits = {split: data.load_task(name, split, num_labels=cfg.num_labels) for split in data.SPLITS}
-        kind = BUILTIN_TASKS.get(name) or ("classification" if "label" in splits["train"][0] else "instruction")
-        if kind == "instruction":
-            splits = {s: [as_instruction(e) for e in examples] for s, examples in splits.items()}
+        if name == "chat" or (cfg.task and data.is_conversation_file(name)):
+            splits = {split: data.load_conversations("pydocs" if name == "chat" else name, split)
+                      for split in data.SPLITS}
+        else:
+            splits = {split: data.load_task(name, split, num_labels=cfg.num_labels) for split in data.SPLITS}
+        kind = BUILTIN_TASKS.get(name) or ("classification" if "label" in splits["train"][0] else "chat")
+        if kind == "chat":
+            splits = {s: [as_conversation(e) for e in examples] for s, examples in splits.items()}
         else:
             labels = set(data.task_labels(splits["train"]))
             unknown = {e["label"] for s in ("val", "test") for e in splits[s]} - labels
@@ -592,21 +671,22 @@ def shuffled_batches(items, cfg, rt):
             yield order.pop()
 
 
-# ------------------------------------------------------------------------- 5. instruction finetuning
-def instruction_batch(items, pad_id, device):
+# ---------------------------------------------------------------------------------------- 5. chat SFT
+def chat_batch(items, pad_id, device):
     """(ids, labels) pairs -> right-padded input_ids, attention_mask and labels (-100 at the padding)."""
     batch = data.pad_batch([ids for ids, _ in items], pad_id, labels=[labels for _, labels in items])
     return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
-def response_loss(model, items, cfg, rt, pad_id):
-    """The mean loss per response token (prompt tokens and padding do not count); lower is better."""
+def assistant_loss(model, items, cfg, rt, pad_id):
+    """The mean loss per assistant token (roles, system and user tokens and padding do not count); lower is
+    better."""
     model.eval()
     total_loss, total_tokens = 0.0, 0
     lengths = [len(ids) for ids, _ in items]
     for indices in data.batch_indices(lengths, cfg.ft_batch_size * 2, shuffle=False, bucket=True):
-        batch = instruction_batch([items[i] for i in indices], pad_id, rt.device)
+        batch = chat_batch([items[i] for i in indices], pad_id, rt.device)
         with rt.autocast():
             logits, _ = model(batch["input_ids"])
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1),
@@ -618,31 +698,39 @@ def response_loss(model, items, cfg, rt, pad_id):
 
 
 @torch.no_grad()
-def answer_examples(model, tokenizer, examples, cfg, rt):
-    """Greedy answers of the instruction-tuned model next to the reference answers."""
-    eot = tokenizer.eot_id
+def answer_examples(model, tokenizer, template, conversations, cfg, rt):
+    """The tuned model's greedy answers, turn after turn, to the user messages of test conversations (its
+    own answers stay in the conversation, as in a chat), next to the reference answers."""
     rows = []
-    for example in examples:
-        prompt = tokenizer.encode(format_prompt(example))[-(cfg.block_size // 2):]
-        idx = torch.tensor([prompt], device=rt.device)
-        with rt.autocast():
-            out = model.generate(idx, min(48, cfg.block_size - len(prompt)), temperature=0, eos_id=eot)
-        new = out[0, len(prompt):].tolist()
-        answer = tokenizer.decode(new[:new.index(eot)] if eot in new else new)
-        rows.append({"instruction": example["instruction"], "reference": example["response"],
-                     "answer": answer.strip()})
+    for conversation in conversations:
+        messages = conversation["messages"]
+        system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+        session = chat.ChatSession(model, tokenizer, template, system=system, max_new_tokens=48, temperature=0)
+        for user, reference in zip(messages, messages[1:]):
+            if user["role"] != "user" or reference["role"] != "assistant":
+                continue
+            try:
+                with rt.autocast():
+                    answer, _ = session.reply(user["content"])
+            except UserError:                               # a turn too long for a tiny context
+                break
+            rows.append({"user": user["content"], "reference": reference["content"], "answer": answer.strip()})
     return rows
 
 
-def instruction_tuning(task, splits, base, tokenizer, cfg, rt, out_dir):
-    """Finetune the GPT to answer instructions, from the pretrained weights and from scratch with the same
-    budget; returns the task's report row (metric: the test response loss)."""
+def chat_sft(task, splits, base, tokenizer, template, cfg, rt, out_dir):
+    """Supervised finetuning on conversations (the loss on the assistant's tokens), from the pretrained
+    weights and from scratch with the same budget; returns the task's report row (metric: the test
+    assistant-token loss)."""
     pad_id = tokenizer.eot_id
-    items = {split: [instruction_example(tokenizer, e, cfg.block_size) for e in examples]
-             for split, examples in splits.items()}
-    rt.log(f"\nfinetuning on {task} (instruction): {len(items['train'])} train / {len(items['val'])} val / "
-           f"{len(items['test'])} test examples")
-    row, finetuned = {"metric": "response_loss"}, {}
+    try:
+        items = {split: [chat_example(tokenizer, template, e["messages"], cfg.block_size) for e in examples]
+                 for split, examples in splits.items()}
+    except ValueError as error:                            # a message holding a special token's text
+        raise UserError(f"{task}: {error}") from None
+    rt.log(f"\nchat SFT on {task} ({template.name} template): {len(items['train'])} train / {len(items['val'])} "
+           f"val / {len(items['test'])} test conversations")
+    row, finetuned = {"metric": "assistant_loss"}, {}
     for init in ("pretrained", "scratch") if cfg.scratch else ("pretrained",):
         name, ckpt_path, start = f"{task}/{init}", out_dir / f"ft_{task}_{init}.pt", time.perf_counter()
         model = finetuning_start(base, init, cfg, rt)
@@ -654,12 +742,12 @@ def instruction_tuning(task, splits, base, tokenizer, cfg, rt, out_dir):
         best_val, bad_evals = None, 0
         model.train()
         for it in range(cfg.ft_iters):
-            batch = instruction_batch([items["train"][i] for i in next(batches)], pad_id, rt.device)
+            batch = chat_batch([items["train"][i] for i in next(batches)], pad_id, rt.device)
             lr = get_lr(it, cfg.ft_lr, cfg.ft_lr / 10, max(1, cfg.ft_iters // 10), cfg.ft_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with rt.autocast():
-                _, loss = train_model(batch["input_ids"], batch["labels"])   # on the response tokens only
+                _, loss = train_model(batch["input_ids"], batch["labels"])   # on the assistant's tokens only
             rt.scaler.scale(loss).backward()
             # the optimizer step (same in every train.py)
             if cfg.grad_clip > 0:
@@ -670,15 +758,15 @@ def instruction_tuning(task, splits, base, tokenizer, cfg, rt, out_dir):
             optimizer.zero_grad(set_to_none=True)
             progress.step(it, loss=loss, lr=lr, tokens=batch["attention_mask"].numel() * rt.world_size)
 
-            # once in a while: val response loss; keep the best weights, stop when they stop improving
+            # once in a while: val assistant loss; keep the best weights, stop when they stop improving
             if (it + 1) % cfg.ft_eval_interval == 0 or it == cfg.ft_iters - 1:
-                val_loss = response_loss(model, items["val"], cfg, rt, pad_id)
-                rt.log(f"{name} eval at iter {it + 1}: val response_loss {val_loss:.4f}")
+                val_loss = assistant_loss(model, items["val"], cfg, rt, pad_id)
+                rt.log(f"{name} eval at iter {it + 1}: val assistant_loss {val_loss:.4f}")
                 if best_val is None or val_loss < best_val:
                     best_val, bad_evals = val_loss, 0
-                    if rt.is_main:
-                        save_checkpoint(ckpt_path, {"model": model.state_dict(), "iter": it + 1,
-                                                    "val": {"response_loss": val_loss}})
+                    if rt.is_main:   # "kind" and "template": what --stage chat looks for and talks in
+                        save_checkpoint(ckpt_path, {"model": model.state_dict(), "iter": it + 1, "kind": "chat",
+                                                    "template": template.name, "val": {"assistant_loss": val_loss}})
                 else:
                     bad_evals += 1
                     if bad_evals >= cfg.patience:
@@ -686,27 +774,191 @@ def instruction_tuning(task, splits, base, tokenizer, cfg, rt, out_dir):
                         break
         rt.barrier()                                      # rank 0 wrote the best weights; every rank loads them
         load_model_state(model, load_checkpoint(ckpt_path, map_location=rt.device)["model"], ckpt_path)
-        test_loss = response_loss(model, items["test"], cfg, rt, pad_id)
-        rt.log(f"{name}: test response_loss {test_loss:.4f}")
+        test_loss = assistant_loss(model, items["test"], cfg, rt, pad_id)
+        rt.log(f"{name}: test assistant_loss {test_loss:.4f}")
         row[init] = test_loss
-        row[f"{init}_detail"] = {"test": {"response_loss": test_loss}, "val": {"response_loss": best_val},
+        row[f"{init}_detail"] = {"test": {"assistant_loss": test_loss}, "val": {"assistant_loss": best_val},
                                  "seconds": time.perf_counter() - start}
         finetuned[init] = model
     row["seconds"] = sum(row[f"{init}_detail"]["seconds"] for init in finetuned)
 
-    row["examples"] = answer_examples(finetuned["pretrained"], tokenizer, splits["test"][:3], cfg, rt)
+    row["examples"] = answer_examples(finetuned["pretrained"], tokenizer, template, splits["test"][:2], cfg, rt)
     for example in row["examples"]:
-        rt.log(f"  Q: {example['instruction']}\n    reference: {example['reference']}\n"
+        rt.log(f"  user: {example['user']}\n    reference: {example['reference']}\n"
                f"    answer:    {example['answer']}")
     if cfg.quantize and rt.is_main:
         cpu = cpu_float32(rt)
         row["deployment"] = {}
         for variant, (deployed, megabytes) in deployment_variants(finetuned["pretrained"], rt).items():
-            test_loss = response_loss(deployed, items["test"], cfg, cpu, pad_id)
-            row["deployment"][variant] = {"response_loss": test_loss, "megabytes": megabytes,
+            test_loss = assistant_loss(deployed, items["test"], cfg, cpu, pad_id)
+            row["deployment"][variant] = {"assistant_loss": test_loss, "megabytes": megabytes,
                                           "generate_tokens_per_second": generation_speed(deployed, cpu)}
         log_deployment(row["deployment"], rt)
-    return row
+    return row, finetuned["pretrained"]
+
+
+# ------------------------------------------------------------------------ 5b. preference tuning (DPO)
+def preference_example(tokenizer, template, pair, block_size):
+    """(chosen, rejected): each the (ids, labels) of the one-turn conversation prompt -> that answer, labels
+    on the answer's tokens only (its stop token included), as in chat SFT."""
+    def answered(answer):
+        return chat_example(tokenizer, template, [{"role": "user", "content": pair["prompt"]},
+                                                  {"role": "assistant", "content": answer}], block_size)
+    return answered(pair["chosen"]), answered(pair["rejected"])
+
+
+def preference_batch(items, pad_id, device):
+    """Pairs -> one padded batch of 2B sequences: the B chosen answers, then the B rejected ones."""
+    return chat_batch([chosen for chosen, _ in items] + [rejected for _, rejected in items], pad_id, device)
+
+
+def sequence_logprobs(model, batch):
+    """log pi(y|x) = sum over the answer's positions t of log p(y_t | x, y_<t), one per row (B,), and the
+    number of answer tokens per row (B,): the prompt and padding (labels -100) do not count."""
+    logits, _ = model(batch["input_ids"])                                          # (B, T, V)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    answer = batch["labels"] != -100                                               # (B, T)
+    token_logp = logp.gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0]  # (B, T) log p(label)
+    return (token_logp * answer).sum(-1), answer.sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta):
+    """Direct preference optimisation (Rafailov et al. 2023), per pair, from the sequences' log-probabilities:
+
+        L_DPO = -log sigmoid(beta [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+
+    with y_w the chosen and y_l the rejected answer. beta log pi(y|x) / pi_ref(y|x) is the reward the policy
+    implicitly defines, and L_DPO the Bradley-Terry loss of that reward on the pair: minimising it raises the
+    chosen answer's reward over the rejected one's. When pi = pi_ref both rewards are 0 and L = log 2.
+    Returns (mean loss, chosen rewards (B,), rejected rewards (B,)).
+    """
+    chosen_reward = beta * (policy_chosen - reference_chosen)          # r(x, y_w) = beta log pi / pi_ref
+    rejected_reward = beta * (policy_rejected - reference_rejected)    # r(x, y_l)
+    losses = -F.logsigmoid(chosen_reward - rejected_reward)
+    return losses.mean(), chosen_reward.detach(), rejected_reward.detach()
+
+
+@torch.no_grad()
+def preference_scores(model, items, cfg, rt, pad_id):
+    """log pi(y_w|x), log pi(y_l|x) and the answers' token counts over all pairs: four (N,) tensors."""
+    model.eval()
+    scores = [[], [], [], []]
+    for start in range(0, len(items), cfg.dpo_batch_size * 2):
+        chunk = items[start:start + cfg.dpo_batch_size * 2]
+        with rt.autocast():
+            logps, counts = sequence_logprobs(model, preference_batch(chunk, pad_id, rt.device))
+        for column, values in zip(scores, (logps[:len(chunk)], logps[len(chunk):], counts[:len(chunk)],
+                                           counts[len(chunk):])):
+            column.append(values.float().cpu())
+    return [torch.cat(column) for column in scores]
+
+
+def preference_metrics(policy, reference, beta):
+    """The figures of one model on a set of pairs, from preference_scores of it (`policy`) and of the SFT model
+    (`reference`):
+    - preference_accuracy: the share of pairs whose chosen answer the model gives the higher log-probability,
+      log pi(y_w|x) > log pi(y_l|x): the same measure for the SFT model and for the DPO model;
+    - reward_accuracy: the share with r(x, y_w) > r(x, y_l), the implicit reward against the SFT reference
+      (0 for the SFT model itself, whose rewards are all 0), and reward_margin, the mean r(x, y_w) - r(x, y_l);
+    - chosen_loss and rejected_loss: the mean per-token loss of the chosen (rejected) answers;
+    - dpo_loss: L_DPO (log 2 for the SFT model)."""
+    chosen, rejected, chosen_tokens, rejected_tokens = policy
+    loss, chosen_reward, rejected_reward = dpo_loss(chosen, rejected, reference[0], reference[1], beta)
+    return {"preference_accuracy": (chosen > rejected).float().mean().item(),
+            "reward_accuracy": (chosen_reward > rejected_reward).float().mean().item(),
+            "reward_margin": (chosen_reward - rejected_reward).mean().item(),
+            "chosen_loss": (-chosen.sum() / chosen_tokens.sum()).item(),
+            "rejected_loss": (-rejected.sum() / rejected_tokens.sum()).item(),
+            "dpo_loss": loss.item()}
+
+
+def preference_tuning(pairs, sft_model, tokenizer, template, cfg, rt, out_dir):
+    """DPO from the chat-SFT model, which stays frozen as the reference pi_ref; returns the report row
+    (metric: the test preference accuracy, of the SFT model and of the DPO model)."""
+    pad_id = tokenizer.eot_id
+    try:
+        items = {split: [preference_example(tokenizer, template, pair, cfg.block_size) for pair in split_pairs]
+                 for split, split_pairs in pairs.items()}
+    except ValueError as error:                            # an answer holding a special token's text
+        raise UserError(f"--preferences {cfg.preferences}: {error}") from None
+    rt.log(f"\npreference tuning (DPO, beta {cfg.dpo_beta}) from the chat SFT model: {len(items['train'])} train / "
+           f"{len(items['val'])} val / {len(items['test'])} test pairs")
+    ckpt_path, start = out_dir / "chat_dpo.pt", time.perf_counter()
+    reference = sft_model.eval().requires_grad_(False)
+    # `model` is the policy pi, trained; `reference` is pi_ref, frozen. The policy starts as the SFT model,
+    # without dropout: at step 0 pi = pi_ref exactly (L = log 2), and the log-ratios measure what DPO
+    # changed, not dropout noise.
+    torch.manual_seed(cfg.seed)
+    model = GPT(dataclasses.replace(reference.config, dropout=0.0)).to(rt.device)
+    model.load_state_dict(reference.state_dict())
+    # the reference's scores of the val and test pairs, computed once: pi_ref never changes
+    reference_scores = {split: preference_scores(reference, items[split], cfg, rt, pad_id) for split in ("val", "test")}
+    sft = preference_metrics(reference_scores["test"], reference_scores["test"], cfg.dpo_beta)
+    sft_val = preference_metrics(reference_scores["val"], reference_scores["val"], cfg.dpo_beta)
+    rt.log(f"SFT model: val preference accuracy {sft_val['preference_accuracy']:.4f}; on test pairs: preference "
+           f"accuracy {sft['preference_accuracy']:.4f} | chosen loss "
+           f"{sft['chosen_loss']:.4f} | rejected loss {sft['rejected_loss']:.4f}")
+
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.dpo_lr, (cfg.beta1, cfg.beta2), rt.device_type)
+    train_policy = rt.wrap(model)
+    batch_order = data.batch_indices([len(c[0]) + len(r[0]) for c, r in items["train"]], cfg.dpo_batch_size,
+                                     shuffle=True, seed=cfg.seed)
+    progress = Progress(cfg.dpo_iters, cfg.dpo_batch_size * 2 * cfg.block_size, log=rt.log,
+                        log_interval=cfg.dpo_eval_interval, name="dpo")
+    best = None
+    model.train()
+    for it in range(cfg.dpo_iters):
+        if not batch_order:                               # a new epoch, a new order
+            batch_order = data.batch_indices([len(c[0]) + len(r[0]) for c, r in items["train"]], cfg.dpo_batch_size,
+                                             shuffle=True, seed=cfg.seed + it)
+        indices = batch_order.pop()[rt.rank::rt.world_size] or [0]
+        batch = preference_batch([items["train"][i] for i in indices], pad_id, rt.device)
+        lr = get_lr(it, cfg.dpo_lr, cfg.dpo_lr / 10, max(1, cfg.dpo_iters // 10), cfg.dpo_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with rt.autocast():
+            policy_logps, _ = sequence_logprobs(train_policy, batch)                  # (2B,) log pi(y|x)
+            with torch.no_grad():
+                reference_logps, _ = sequence_logprobs(reference, batch)              # (2B,) log pi_ref(y|x)
+        B = len(indices)
+        loss, chosen_reward, rejected_reward = dpo_loss(policy_logps[:B], policy_logps[B:], reference_logps[:B],
+                                                        reference_logps[B:], cfg.dpo_beta)
+        rt.scaler.scale(loss).backward()
+        # the optimizer step (same in every train.py)
+        if cfg.grad_clip > 0:
+            rt.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        rt.scaler.step(optimizer)
+        rt.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step(it, loss=loss, lr=lr, tokens=batch["attention_mask"].numel() * rt.world_size,
+                      margin=(chosen_reward - rejected_reward).mean().item())
+
+        # once in a while: L_DPO on val pairs; keep the best policy
+        if (it + 1) % cfg.dpo_eval_interval == 0 or it == cfg.dpo_iters - 1:
+            val = preference_metrics(preference_scores(model, items["val"], cfg, rt, pad_id), reference_scores["val"],
+                                     cfg.dpo_beta)
+            model.train()
+            rt.log(f"dpo eval at iter {it + 1}: val dpo_loss {val['dpo_loss']:.4f} | preference accuracy "
+                   f"{val['preference_accuracy']:.4f} | reward accuracy {val['reward_accuracy']:.4f} | "
+                   f"margin {val['reward_margin']:.3f}")
+            if best is None or val["dpo_loss"] < best["dpo_loss"]:
+                best = val
+                if rt.is_main:
+                    save_checkpoint(ckpt_path, {"model": model.state_dict(), "iter": it + 1, "kind": "chat",
+                                                "template": template.name, "val": val})
+    rt.barrier()
+    load_model_state(model, load_checkpoint(ckpt_path, map_location=rt.device)["model"], ckpt_path)
+    dpo = preference_metrics(preference_scores(model, items["test"], cfg, rt, pad_id), reference_scores["test"],
+                             cfg.dpo_beta)
+    rt.log(f"DPO model on test pairs: preference accuracy {dpo['preference_accuracy']:.4f} (SFT "
+           f"{sft['preference_accuracy']:.4f}) | reward accuracy {dpo['reward_accuracy']:.4f} | margin "
+           f"{dpo['reward_margin']:.3f} | chosen loss {dpo['chosen_loss']:.4f} (SFT {sft['chosen_loss']:.4f})")
+    return {"metric": "preference_accuracy", "baseline": 0.5, "sft": sft["preference_accuracy"],
+            "dpo": dpo["preference_accuracy"], "reward_accuracy": dpo["reward_accuracy"],
+            "reward_margin": dpo["reward_margin"], "chosen_loss_sft": sft["chosen_loss"],
+            "chosen_loss_dpo": dpo["chosen_loss"], "beta": cfg.dpo_beta, "seconds": time.perf_counter() - start,
+            "test": {"sft": sft, "dpo": dpo}, "val": best}
 
 
 # ----------------------------------------------------------------------- 6. classification finetuning
@@ -933,6 +1185,13 @@ def main(argv=None):
     pretraining = cfg.stage in ("all", "pretrain", "ablation") and not cfg.init_from
     corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log) if pretraining else None
     tasks = load_finetuning_tasks(cfg) if cfg.stage in ("all", "finetune") else {}
+    # DPO starts from the chat SFT model: it runs when a chat task does
+    preference_pairs = ({split: data.load_preferences(cfg.preferences, split) for split in data.SPLITS}
+                        if cfg.dpo and any(kind == "chat" for kind, _ in tasks.values()) else None)
+    if preference_pairs and cfg.max_ft_examples:   # capped as the tasks are
+        preference_pairs = {split: capped(pairs, cfg.max_ft_examples if split == "train" else
+                                          max(16, cfg.max_ft_examples // 4), cfg.seed, "preferences")
+                            for split, pairs in preference_pairs.items()}
 
     # 3. tokenizer and base model -------------------------------------------------------------------
     if cfg.init_from:
@@ -949,8 +1208,9 @@ def main(argv=None):
             stopped, tokenizer = load_stopped_run(cfg, out_dir, corpus)
         else:   # trained once per corpus (its fingerprint), sample size, vocabulary size and specials, then cached
             stopped = None
-            tokenizer = BPETokenizer.load_or_train(list(corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6)),
-                                                   cfg.vocab_size, special_tokens=(EOT,), runtime=rt, log=rt.log)
+            tokenizer = BPETokenizer.load_or_train(lambda: corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6),
+                                                   cfg.vocab_size, special_tokens=SPECIAL_TOKENS, runtime=rt,
+                                                   log=rt.log, key=f"{corpus.fingerprint}-{cfg.tokenizer_sample_mb:g}")
         rt.log(f"tokenizer: {tokenizer.vocab_size}-token BPE of {cfg.data}")
         tokens = data.TokenCache(corpus, tokenizer, runtime=rt, log=rt.log, rebuild=cfg.rebuild_cache)
         rt.log(f"corpus: {cfg.data}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens"
@@ -958,6 +1218,16 @@ def main(argv=None):
     else:
         base, tokenizer, report["pretrain"] = load_pretrained_run(out_dir, rt)
         cfg.block_size = base.config.block_size
+    template = chat.chat_template_for(tokenizer)   # ChatML for ours; a loaded folder's own format
+    if cfg.stage == "chat":                        # 9. talk to the tuned model, then nothing else
+        if not cfg.init_from:
+            load_tuned_chat_model(base, out_dir, rt)
+        session = chat.ChatSession(base, tokenizer, template, system=cfg.system, max_new_tokens=cfg.max_new_tokens,
+                                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)
+        with rt.autocast():
+            chat.chat_loop(session)
+        rt.cleanup()
+        return {}
     if cfg.stage in ("all", "sample"):   # a prompt too long for the context fails now, not after training
         prompt_ids(tokenizer, cfg.prompt, cfg.block_size if base is None else base.config.block_size)
 
@@ -975,11 +1245,14 @@ def main(argv=None):
     if tasks:
         report["finetune"] = {}
         for task, (kind, splits) in tasks.items():
-            if kind == "instruction":
-                row = instruction_tuning(task, splits, base, tokenizer, cfg, rt, out_dir)
+            if kind == "chat":
+                row, sft_model = chat_sft(task, splits, base, tokenizer, template, cfg, rt, out_dir)
             else:
                 row = classification_finetuning(task, splits, base, tokenizer, cfg, rt, out_dir)
             report["finetune"][task] = row
+        if preference_pairs is not None:   # 5b. DPO from the (last) chat SFT model, frozen as the reference
+            report["finetune"]["preference"] = preference_tuning(preference_pairs, sft_model, tokenizer, template,
+                                                                 cfg, rt, out_dir)
 
     # 8. samples and report -------------------------------------------------------------------------
     if cfg.stage in ("all", "sample"):

@@ -221,6 +221,8 @@ def check_config(cfg):
         raise UserError(f"--num_labels must be at least 2, got {cfg.num_labels}")
     if cfg.vocab_size < 257 and not (cfg.base or cfg.init_from):
         raise UserError(f"--vocab_size must be at least 257 (256 bytes + {EOT}), got {cfg.vocab_size}")
+    if not cfg.tokenizer_sample_mb > 0:
+        raise UserError(f"--tokenizer_sample_mb must be positive, got {cfg.tokenizer_sample_mb}")
     tasks = [t for t in cfg.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASK_KINDS]
     if unknown or not tasks:
@@ -536,8 +538,9 @@ def get_base(cfg, rt, out_dir, by_auto=False):
         spent.unlink(missing_ok=True)
     rt.log(f"tokenizer: {cfg.vocab_size}-token BPE on {cfg.data} (trained once per corpus, then cached)")
     corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log)
-    tokenizer = BPETokenizer.load_or_train(list(corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6)), cfg.vocab_size,
-                                           special_tokens=(EOT,), runtime=rt, log=rt.log)
+    tokenizer = BPETokenizer.load_or_train(lambda: corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6), cfg.vocab_size,
+                                           special_tokens=(EOT,), runtime=rt, log=rt.log,
+                                           key=f"{corpus.fingerprint}-{cfg.tokenizer_sample_mb:g}")
     base, summary = pretrain(cfg, rt, tokenizer, out_dir)
     return base, tokenizer, {"source": "pretrained here", "pretrain": summary}
 
@@ -553,16 +556,18 @@ def state_fingerprint(state):
 
 
 # ---------------------------------------------------------------------------------------- 4. tasks
-PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"  # same as 05_gpt/train.py
+# The Alpaca-style template 05_gpt used before it moved to chat templates (05_gpt/chat.py); kept here, where
+# single-turn instructions are enough to compare the PEFT methods.
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
-def format_prompt(example):  # same as 05_gpt/train.py
+def format_prompt(example):
     """The instruction template (Alpaca style): the model learns to answer after "### Response:"."""
     input_block = f"### Input:\n{example['input']}\n\n" if example.get("input") else ""
     return PROMPT_TEMPLATE.format(instruction=example["instruction"], input_block=input_block)
 
 
-def instruction_example(tokenizer, example, block_size):  # same as 05_gpt/train.py
+def instruction_example(tokenizer, example, block_size):
     """(input ids, label ids): labels are -100 on the prompt, so only the response (+ EOT) is learned.
 
     Loss masking: L = -sum over response positions t of log p(x_t | x_<t); the prompt is context only.

@@ -236,7 +236,10 @@ def setup(device="auto", dtype="auto", compile=False, seed=1337):
     if distributed:
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend)
+            # A bounded wait: a collective that a rank never joins (it died, or runs other shapes) fails
+            # after LLMFS_DIST_TIMEOUT seconds (default 10 minutes) instead of gloo's default 30.
+            timeout = datetime.timedelta(seconds=float(os.environ.get("LLMFS_DIST_TIMEOUT") or 600))
+            dist.init_process_group(backend=backend, timeout=timeout)
     seed_everything(seed)
     runtime = Runtime(device=torch_device, dtype=DTYPES[dtype], compile=bool(compile), seed=seed,
                       rank=rank, local_rank=local_rank, world_size=world_size, ddp=distributed)

@@ -470,14 +470,20 @@ def test_tiny_run_does_every_stage_and_writes_the_report(tiny_run, train):
     assert pretrain["val_loss"] < math.log(300)                 # below the uniform guess over the vocabulary
     assert pretrain["tokens_per_second"] > 0 and pretrain["seconds"] > 0
     assert saved["device"] == "cpu"
-    for task, metric in (("python-qa", "response_loss"), ("docstring-module", "accuracy")):
+    for task, metric in (("chat", "assistant_loss"), ("docstring-module", "accuracy")):
         row = saved["finetune"][task]
         assert row["metric"] == metric
         assert isinstance(row["pretrained"], float) and isinstance(row["scratch"], float)
         assert row["seconds"] > 0
         assert set(row["deployment"]) >= {"float32", "int8 (ours)"}
     assert 0 <= saved["finetune"]["docstring-module"]["baseline"] <= 1
-    assert len(saved["finetune"]["python-qa"]["examples"]) == 3
+    assert all(set(example) == {"user", "reference", "answer"} for example in saved["finetune"]["chat"]["examples"])
+    preference = saved["finetune"]["preference"]
+    assert preference["metric"] == "preference_accuracy" and preference["baseline"] == 0.5
+    assert 0 <= preference["sft"] <= 1 and 0 <= preference["dpo"] <= 1
+    assert {"reward_margin", "chosen_loss_sft", "chosen_loss_dpo"} <= set(preference)
+    assert preference["test"]["sft"]["dpo_loss"] == pytest.approx(math.log(2))   # policy = reference at the start
+    assert (out_dir / "chat_dpo.pt").exists()
     assert len(saved["samples"]) == 1
     # the checkpoint loads, without unpickling code, into a model of the saved config
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
@@ -503,7 +509,7 @@ def test_sample_stage_and_too_long_prompt(tiny_run, train, capsys):
     # the stage replaced the samples in report.json and kept what it did not run
     saved = json.loads((out_dir / "report.json").read_text())
     assert saved["samples"] == report["samples"]
-    assert set(saved["finetune"]) == {"python-qa", "docstring-module"} and saved["pretrain"]["iters"] == 20
+    assert set(saved["finetune"]) == {"chat", "docstring-module", "preference"} and saved["pretrain"]["iters"] == 20
     assert report["finetune"] == saved["finetune"]                # what it printed is the merged report
     with pytest.raises(SystemExit) as exit_info:
         train.run_main(train.main, ["--preset", "tiny", "--out_dir", str(out_dir), "--stage", "sample",
@@ -512,24 +518,222 @@ def test_sample_stage_and_too_long_prompt(tiny_run, train, capsys):
     assert "longer than the context" in capsys.readouterr().err
 
 
-def test_loss_masking_ignores_prompt_tokens(train, tiny_run):
+CONVERSATION = [{"role": "system", "content": "You answer in one sentence."},
+                {"role": "user", "content": "What does `json.dumps` do?"},
+                {"role": "assistant", "content": "Serialize obj to a JSON formatted str."},
+                {"role": "user", "content": "And `json.loads`?"},
+                {"role": "assistant", "content": "Deserialize s to a Python object."}]
+
+
+def test_chat_template_round_trips_and_masks_only_the_assistant_tokens(train, tiny_run):
+    """decode(render(messages)) is the template's text, and parsing that text gives the messages back; the
+    mask is 1 on exactly the assistant's content and stop tokens; the roles' markers are one special
+    token each; the SFT loss with these labels is the mean over the assistant's tokens alone."""
     out_dir, _ = tiny_run
     tokenizer = train.BPETokenizer.load(out_dir / "tokenizer.json")
-    example = {"instruction": "What does `json.dumps` do?", "input": "", "response": "Serialize obj to JSON."}
-    ids, labels = train.instruction_example(tokenizer, example, block_size=256)
-    prompt_len = len(tokenizer.encode(train.format_prompt(example)))
-    response = tokenizer.encode(example["response"]) + [tokenizer.special_tokens[train.EOT]]
-    assert len(ids) == len(labels)
-    assert labels[:prompt_len - 1] == [-100] * (prompt_len - 1)
-    assert labels[prompt_len - 1:] == response                   # the response and EOT, shifted by one
-    # the loss with masked labels equals the mean over response positions only, whatever the prompt says
+    assert {"<|im_start|>", "<|im_end|>"} <= set(tokenizer.special_tokens)     # reserved in pretraining
+    template = train.chat.chat_template_for(tokenizer)
+    assert template.name == "chatml"
+    ids, mask = template.render(tokenizer, CONVERSATION)
+    text = template.text(CONVERSATION)
+    assert text.startswith("<|im_start|>system\nYou answer in one sentence.<|im_end|>\n<|im_start|>user\n")
+    assert tokenizer.decode(ids) == text and template.parse(text) == CONVERSATION
+    assert ids.count(tokenizer.special_tokens["<|im_start|>"]) == 5
+    im_end = tokenizer.special_tokens["<|im_end|>"]
+    learned = [token for token, m in zip(ids, mask) if m]
+    expected = []
+    for message in CONVERSATION:
+        if message["role"] == "assistant":
+            expected += tokenizer.encode(message["content"]) + [im_end]
+    assert learned == expected                                      # the answers and their <|im_end|>, nothing else
+    assert tokenizer.decode([t for t, m in zip(ids, mask) if not m]).count("json.dumps") == 1   # the user's text
+    # the generation prompt ends with the assistant's header, which is not learned
+    prompt, prompt_mask = template.render(tokenizer, CONVERSATION[:2], add_generation_prompt=True)
+    assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n") and not any(prompt_mask)
+    # a user's text spelling a special token is refused, not turned into a turn boundary
+    with pytest.raises(ValueError):
+        template.render(tokenizer, [{"role": "user", "content": "hi<|im_end|>"}])
+    # labels: -100 except on the assistant tokens, shifted by one; the loss is their mean alone
+    x_ids, labels = train.chat_example(tokenizer, template, CONVERSATION, block_size=256)
+    assert x_ids == ids[:-1] and [t for t in labels if t != -100] == expected
     torch.manual_seed(0)
     model = train.GPT(train.GPTConfig(block_size=256, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16))
-    x, y = torch.tensor([ids]), torch.tensor([labels])
+    x, y = torch.tensor([x_ids]), torch.tensor([labels])
     logits, loss = model(x, y)
     keep = y[0] != -100
-    manual = torch.nn.functional.cross_entropy(logits[0][keep], y[0][keep])
-    torch.testing.assert_close(loss, manual)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[0][keep], y[0][keep]))
+    # a first message longer than the context keeps its end, so that the answer is still learned
+    long_first = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    _, labels = train.chat_example(tokenizer, template, long_first, block_size=32)
+    assert len(labels) <= 32 and [t for t in labels if t != -100] == tokenizer.encode("ok") + [im_end]
+
+
+def test_llama3_template_uses_its_header_tokens():
+    """A Llama 3 vocabulary talks in its own headers: <|begin_of_text|>, <|start_header_id|>role<|end_header_id|>,
+    <|eot_id|> ending each message (and the assistant's answers)."""
+    chat = load_module("05_gpt/chat.py")
+    from common.tokenizer import BPETokenizer
+    base = BPETokenizer.train("hello there, general kenobi. " * 20, vocab_size=270)
+    specials = {s: 270 + i for i, s in enumerate(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                                  "<|end_header_id|>", "<|eot_id|>"])}
+    tokenizer = BPETokenizer(base.ranks, base.pattern, specials)
+    template = chat.chat_template_for(tokenizer)
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "general kenobi"}]
+    ids, mask = template.render(tokenizer, messages)
+    assert template.name == "llama3"
+    assert tokenizer.decode(ids) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhello<|eot_id|>"
+                                     "<|start_header_id|>assistant<|end_header_id|>\n\ngeneral kenobi<|eot_id|>")
+    assert template.parse(tokenizer.decode(ids)) == messages
+    assert [t for t, m in zip(ids, mask) if m] == tokenizer.encode("general kenobi") + [specials["<|eot_id|>"]]
+
+
+def test_dpo_loss_equals_a_hand_computation_and_log_2_at_the_reference(train):
+    """L_DPO = -log sigmoid(beta [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))]),
+    checked against numbers worked by hand; log 2 whenever the policy is the reference."""
+    policy_chosen, policy_rejected = torch.tensor([-3.0, -5.0]), torch.tensor([-6.0, -4.0])
+    reference_chosen, reference_rejected = torch.tensor([-4.0, -5.0]), torch.tensor([-5.0, -4.5])
+    loss, chosen_reward, rejected_reward = train.dpo_loss(policy_chosen, policy_rejected, reference_chosen,
+                                                          reference_rejected, beta=0.5)
+    # pair 1: 0.5 * ((-3 + 4) - (-6 + 5)) = 1.0; pair 2: 0.5 * ((-5 + 5) - (-4 + 4.5)) = -0.25
+    by_hand = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(0.25))) / 2
+    assert loss.item() == pytest.approx(by_hand, abs=1e-6)
+    torch.testing.assert_close(chosen_reward, torch.tensor([0.5, 0.0]))
+    torch.testing.assert_close(rejected_reward, torch.tensor([-0.5, 0.25]))
+    same, _, _ = train.dpo_loss(policy_chosen, policy_rejected, policy_chosen, policy_rejected, beta=0.1)
+    assert same.item() == pytest.approx(math.log(2), abs=1e-7)
+    # and through the model: sequence log-probabilities count the answer's tokens only
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4], [1, 2, 5, 6]]),
+             "labels": torch.tensor([[-100, 3, 4, 7], [-100, -100, 6, -100]])}
+    logps, counts = train.sequence_logprobs(model, batch)
+    logits, _ = model(batch["input_ids"])
+    logp = F.log_softmax(logits, dim=-1)
+    assert counts.tolist() == [3, 1]
+    torch.testing.assert_close(logps, torch.stack([logp[0, 1, 3] + logp[0, 2, 4] + logp[0, 3, 7], logp[1, 2, 6]]))
+
+
+def chat_session(train, tiny_run, block_size=64, system="", seed=0):
+    """A session with a random GPT of the tiny run's vocabulary (weights big enough to be far from uniform)."""
+    out_dir, _ = tiny_run
+    tokenizer = train.BPETokenizer.load(out_dir / "tokenizer.json")
+    model = make_model(seed=seed, block_size=block_size, vocab_size=tokenizer.vocab_size)
+    template = train.chat.chat_template_for(tokenizer)
+    return train.chat.ChatSession(model, tokenizer, template, system=system, max_new_tokens=6, temperature=0)
+
+
+def test_chat_kv_cache_across_turns_equals_encoding_the_whole_conversation(train, tiny_run):
+    """After several turns, each prefilling only its own tokens on top of the kept cache, the next-token
+    logits equal those of one forward pass over the whole conversation; and the cached tokens are the
+    template's rendering of the conversation."""
+    session = chat_session(train, tiny_run, block_size=128, system="Be brief.")
+    fed = []
+    feed = session.feed
+    session.feed = lambda ids: (fed.append(list(ids)), feed(ids))[1]
+    session.reply("hi")
+    before = len(session.ids)
+    fed.clear()
+    session.reply("and `json.loads`?")
+    turn = session.template.render(session.tokenizer, [{"role": "user", "content": "and `json.loads`?"}],
+                                   add_generation_prompt=True, begin=False)[0]
+    assert fed[0] == turn and before + len(turn) <= len(session.ids)       # only the new turn was prefilled
+    assert session.cache.length == len(session.ids)
+    with torch.no_grad():
+        logits, _ = session.model(torch.tensor([session.ids]))
+    torch.testing.assert_close(session.next_logits, logits[0, -1], atol=1e-5, rtol=1e-5)
+    assert session.tokenizer.decode(session.ids) == session.template.text(session.messages)
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+    session.reset()
+    assert session.ids == [] and session.cache.length == 0 and session.messages[0]["content"] == "Be brief."
+
+
+def test_chat_drops_the_oldest_turns_when_the_conversation_outgrows_the_context(train, tiny_run):
+    """A conversation longer than the context loses its oldest user/assistant turns (never the system
+    prompt), says how many, and the cache is the re-encoded rest: still equal to a full forward pass."""
+    session = chat_session(train, tiny_run, block_size=48, system="Be brief.")
+    dropped = [session.reply(f"question {n}")[1] for n in range(6)]
+    assert sum(dropped) > 0
+    assert session.messages[0] == {"role": "system", "content": "Be brief."}
+    assert len(session.messages) < 1 + 2 * 6 and session.messages[-2]["content"] == "question 5"
+    with torch.no_grad():
+        logits, _ = session.model(torch.tensor([session.ids]))
+    torch.testing.assert_close(session.next_logits, logits[0, -1], atol=1e-5, rtol=1e-5)
+    # what the chat loop prints when it drops turns
+    import io
+    session.reset()
+    out = io.StringIO()
+    train.chat.chat_loop(session, io.StringIO("".join(f"question {n}\n" for n in range(6))), out, io.StringIO())
+    assert "dropped the oldest" in out.getvalue()
+    # a message that cannot fit even alone is one error line, and the loop goes on
+    out, err = io.StringIO(), io.StringIO()
+    train.chat.chat_loop(session, io.StringIO("word " * 100 + "\nhi\n"), out, err)
+    assert "no room for a reply" in err.getvalue() and out.getvalue().count("assistant> ") == 1
+
+
+def test_chat_stage_over_a_pipe_several_turns_reset_and_end_of_input(tiny_run, cache):
+    """`printf ... | train.py --stage chat`: the tuned model (DPO's) answers each line, /reset starts over,
+    the end of the input ends the chat with exit 0; chat.py beside train.py does the same, and /quit too."""
+    out_dir, _ = tiny_run
+    args = ["--stage", "chat", "--preset", "tiny", "--out_dir", str(out_dir), "--device", "cpu"]
+    result = run_cli(args, cache, timeout=120, input="hi\nhello there\n/reset\nhi\n")
+    assert result.returncode == 0, result.stderr
+    assert "chat_dpo.pt" in result.stdout                             # the latest tuned model: DPO's
+    assert result.stdout.count("assistant> ") == 3 and "(conversation reset)" in result.stdout
+    env = {**os.environ, "LLMFS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    quit_early = subprocess.run([sys.executable, str(REPO_ROOT / "05_gpt" / "chat.py"), *args[2:], "--temperature",
+                                 "0.7", "--top_k", "20", "--top_p", "0.9"], input="hi\n/quit\nnever read\n",
+                                capture_output=True, text=True, timeout=120, env=env)
+    assert quit_early.returncode == 0, quit_early.stderr
+    assert quit_early.stdout.count("assistant> ") == 1
+
+
+def test_chat_and_dpo_bad_inputs_are_one_line(train, tiny_run, tmp_path, capsys):
+    """A messages JSONL with a bad row, a preference file missing a field, --stage chat before any tuning:
+    one line each, naming the file and line or saying what to run."""
+    out_dir, _ = tiny_run
+    tiny = ["--preset", "tiny", "--device", "cpu", "--out_dir", str(out_dir), "--stage", "finetune"]
+    bad_role = tmp_path / "chats.jsonl"
+    bad_role.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{n}"},
+                                                         {"role": "robot", "content": "a"}]}) + "\n"
+                                for n in range(40)))
+    assert "has the role 'robot'" in one_line_error(train, capsys, [*tiny, "--task", str(bad_role)])
+    no_answer = tmp_path / "silent.jsonl"
+    no_answer.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{n}"}]}) + "\n"
+                                 for n in range(40)))
+    assert "no assistant message" in one_line_error(train, capsys, [*tiny, "--task", str(no_answer)])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{n}", "chosen": "yes"}) + "\n" for n in range(40)))
+    err = one_line_error(train, capsys, [*tiny, "--preferences", str(pairs)])
+    assert "missing the field 'rejected'" in err and "pairs.jsonl:" in err
+    untuned = tmp_path / "untuned"
+    untuned.mkdir()
+    for name in ("ckpt.pt", "tokenizer.json"):
+        (untuned / name).write_bytes((out_dir / name).read_bytes())
+    err = one_line_error(train, capsys, ["--preset", "tiny", "--device", "cpu", "--out_dir", str(untuned),
+                                         "--stage", "chat"])
+    assert "no chat-tuned model" in err
+
+
+def test_user_conversations_train_and_their_split_is_stable(train, tiny_run, tmp_path):
+    """A user's {"messages": [...]} JSONL finetunes like the built-in conversations (a chat row in the
+    report), and the built-in conversations and pairs never share an answer across train and test."""
+    out_dir, _ = tiny_run
+    chats = tmp_path / "mychats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {n} + {n}?"},
+                                                      {"role": "assistant", "content": str(2 * n)}]}) + "\n"
+                             for n in range(60)))
+    report = train.main(["--preset", "tiny", "--device", "cpu", "--out_dir", str(out_dir), "--stage", "finetune",
+                         "--task", str(chats), "--scratch", "false", "--quantize", "false", "--dpo", "false"])
+    assert report["finetune"]["mychats"]["metric"] == "assistant_loss"
+    data = train.data
+    def answers(split):
+        return {m["content"] for c in data.pydocs_conversations(split) for m in c["messages"] if m["role"] == "assistant"}
+    assert not answers("train") & answers("test")
+    assert not {p["chosen"] for p in data.pydocs_preferences("train")} & {p["chosen"] for p in data.pydocs_preferences("test")}
+    turns = [sum(m["role"] == "user" for m in c["messages"]) for c in data.pydocs_conversations("train")]
+    assert max(turns) <= 4 and sum(t >= 2 for t in turns) > 0.8 * len(turns)
+    follow_ups = [c["messages"] for c in data.pydocs_conversations("train") if len(c["messages"]) >= 4]
+    assert any(m["content"].startswith(("And `", "What about `", "How about `")) for c in follow_ups for m in c)
 
 
 def test_classifier_reads_the_last_real_token_and_ignores_padding(train):
@@ -620,7 +824,7 @@ def test_bfloat16_on_cpu_runs_every_stage(train, cache, tmp_path):
     """bf16 autocast on a CPU trains, finetunes and deploys: the int8 variants are measured in float32."""
     report = train.main(["--preset", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--out_dir", str(tmp_path)])
     assert report["dtype"] == "bfloat16" and report["pretrain"]["val_loss"] < math.log(300)
-    for task in ("python-qa", "docstring-module"):
+    for task in ("chat", "docstring-module"):
         assert set(report["finetune"][task]["deployment"]) >= {"float32", "int8 (ours)"}
 
 
@@ -720,7 +924,7 @@ def test_init_from_a_hugging_face_folder_finetunes_it(train, cache, tmp_path):
     report = train.main(["--preset", "tiny", "--init_from", str(folder), "--stage", "finetune", "--device", "cpu",
                          "--out_dir", str(tmp_path / "out"), "--scratch", "false"])
     assert "pretrain" not in report
-    for task in ("python-qa", "docstring-module"):
+    for task in ("chat", "docstring-module"):
         assert report["finetune"][task]["pretrained"] is not None
     with pytest.raises(SystemExit):
         train.run_main(train.main, ["--preset", "tiny", "--init_from", str(tmp_path / "missing"),
@@ -754,7 +958,7 @@ def test_init_from_a_qwen_folder_with_a_tokenizer_json_finetunes_it(train, cache
     make_model(**{**QWEN3, "vocab_size": 768}).save_pretrained(folder)
     report = train.main(["--preset", "tiny", "--init_from", str(folder), "--stage", "finetune", "--device", "cpu",
                          "--out_dir", str(tmp_path / "out"), "--scratch", "false", "--quantize", "false"])
-    for task in ("python-qa", "docstring-module"):
+    for task in ("chat", "docstring-module"):
         assert report["finetune"][task]["pretrained"] is not None
 
 
@@ -1157,10 +1361,32 @@ def test_init_from_a_llama3_folder_whose_vocabulary_ends_documents_with_end_of_t
     make_model(**{**LLAMA, "vocab_size": 402, "block_size": 64}).save_pretrained(folder)
     report = train.main(["--preset", "tiny", "--init_from", str(folder), "--stage", "finetune", "--device", "cpu",
                          "--out_dir", str(tmp_path / "out"), "--scratch", "false", "--quantize", "false"])
-    for task in ("python-qa", "docstring-module"):
+    for task in ("chat", "docstring-module"):
         assert report["finetune"][task]["pretrained"] is not None
-    example = train.instruction_example(tokenizer, {"instruction": "hi", "input": "", "response": "yo"}, 64)
-    assert example[1][-1] == 401                                     # the answer ends with <|end_of_text|>
+    template = train.chat.chat_template_for(tokenizer)              # no chat tokens: the plain template
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    _, labels = train.chat_example(tokenizer, template, messages, 64)
+    assert template.name == "plain" and [t for t in labels if t != -100][-1] == 401   # ends with <|end_of_text|>
+
+
+def test_chat_stage_init_from_an_instruct_folder_talks_in_its_chatml_tokens(train, cache, tmp_path, capsys,
+                                                                           monkeypatch):
+    """--stage chat --init_from a Qwen / SmolLM2-style folder, whose vocabulary has <|im_start|> and <|im_end|>:
+    the conversation is rendered with those tokens, the reply stops at <|im_end|>, no tuned model needed."""
+    import io
+    from test_common_tokenizer import sample_text
+    folder = tmp_path / "instruct-tiny"
+    base = train.BPETokenizer.train(sample_text()[:30_000], vocab_size=400)
+    tokenizer = train.BPETokenizer(base.ranks, base.pattern, {"<|endoftext|>": 400, "<|im_start|>": 401,
+                                                              "<|im_end|>": 402})
+    tokenizer.save_hf(folder)
+    make_model(**{**LLAMA, "vocab_size": 403, "block_size": 64}).save_pretrained(folder)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/reset\nhello\n"))
+    train.main(["--stage", "chat", "--init_from", str(folder), "--device", "cpu", "--out_dir", str(tmp_path / "out"),
+                "--max_new_tokens", "4", "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert "chat (chatml template" in out and out.count("assistant> ") == 2 and "(conversation reset)" in out
+    assert train.chat.chat_template_for(train.BPETokenizer.from_hf(folder)).name == "chatml"
 
 
 def test_arch_llama_pretrains_the_modern_decoder_and_finetunes_it(train, cache, tmp_path):
@@ -1173,7 +1399,7 @@ def test_arch_llama_pretrains_the_modern_decoder_and_finetunes_it(train, cache, 
     assert (config["norm"], config["pos"], config["mlp"], config["bias"]) == ("rmsnorm", "rope", "swiglu", False)
     assert (config["n_kv_head"], config["qk_norm"], config["intermediate_size"]) == (1, True, 96)
     assert report["pretrain"]["val_loss"] < math.log(300)
-    assert set(report["finetune"]) == {"python-qa", "docstring-module"}
+    assert set(report["finetune"]) == {"chat", "docstring-module", "preference"}
     assert train.swiglu_width(192) == 512 and train.swiglu_width(768) == 2048
     model = train.GPT(train.GPTConfig(**config))
     assert model.hf_family() == "qwen3"                              # QK-norm: exportable as Qwen3
