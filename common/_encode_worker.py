@@ -23,3 +23,8 @@ def encode(text):
     if hasattr(_encoding, "encode_to_numpy"):     # tiktoken 0.7+: the ids as an array, no Python ints (~25% faster)
         return _encoding.encode_to_numpy(text, allowed_special="all").astype(_dtype).tobytes()
     return np.asarray(_encoding.encode(text, allowed_special="all"), dtype=_dtype).tobytes()
+
+
+def encode_many(texts):
+    """`encode` of each text: a batch of small pieces in one task."""
+    return [encode(text) for text in texts]

@@ -710,6 +710,19 @@ def split_ranges(num_tokens, val_fraction=0.1, num_segments=10):
     return train, val
 
 
+def _batched(pieces, max_chars):
+    """Consecutive (text, starts) pieces in lists of about `max_chars` characters (at least one piece each)."""
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 class TokenCache:
     """A corpus encoded once into two flat files of token ids, train.bin and val.bin, reused by later runs.
 
@@ -760,11 +773,14 @@ class TokenCache:
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         arguments = (f"llmfs-{tokenizer.name}", tokenizer.pattern, tokenizer.ranks, tokenizer.special_tokens,
                      self.dtype.name, tokenizer.normalizer == "NFC")
-        texts, starts_and_sizes = itertools.tee(pieces)
+        # Small pieces (a folder of small files) travel in batches of about PIECE_CHARS characters: one task per
+        # file would spend more time passing messages than encoding.
+        batches, kept = itertools.tee(_batched(pieces, PIECE_CHARS))
         with multiprocessing.get_context(method).Pool(workers, _encode_worker.start, arguments) as pool:
-            encoded = pool.imap(_encode_worker.encode, (text for text, _ in texts), chunksize=1)
-            for ids, (text, starts) in zip(encoded, starts_and_sizes):
-                yield ids, starts, len(text)
+            encoded = pool.imap(_encode_worker.encode_many, ([text for text, _ in batch] for batch in batches))
+            for ids_of_batch, batch in zip(encoded, kept):
+                for ids, (text, starts) in zip(ids_of_batch, batch):
+                    yield ids, starts, len(text)
 
     def _build(self, corpus, tokenizer, val_fraction, workers, log):
         started = time.perf_counter()
@@ -806,16 +822,18 @@ class TokenCache:
         if done["tokens"] == 0:
             shutil.rmtree(building, ignore_errors=True)
             raise UserError(f"the corpus {corpus.spec!r} holds no text")
-        stream = np.memmap(all_path, dtype=self.dtype, mode="r")
-        train_ranges, val_ranges = split_ranges(len(stream), val_fraction)
-        counts = {}
-        for split, ranges in (("train", train_ranges), ("val", val_ranges)):
-            with open(building / f"{split}.bin", "wb") as out:
-                for start, end in ranges:
-                    for block in range(start, end, 1 << 24):  # 16M tokens at a time: bounded memory
-                        stream[block:min(end, block + (1 << 24))].tofile(out)
-            counts[split] = sum(end - start for start, end in ranges)
-        del stream
+        # Cut the stream into the splits with plain reads of 16M tokens at a time, not a memmap: pages read
+        # through a memmap count toward the process's resident memory, which would then grow with the corpus.
+        train_ranges, val_ranges = split_ranges(done["tokens"], val_fraction)
+        counts, itemsize = {}, self.dtype.itemsize
+        with open(all_path, "rb") as stream:
+            for split, ranges in (("train", train_ranges), ("val", val_ranges)):
+                with open(building / f"{split}.bin", "wb") as out:
+                    for start, end in ranges:
+                        stream.seek(start * itemsize)
+                        for block in range(start, end, 1 << 24):
+                            out.write(stream.read((min(end, block + (1 << 24)) - block) * itemsize))
+                counts[split] = sum(end - start for start, end in ranges)
         all_path.unlink()
         progress_path.unlink(missing_ok=True)
         seconds = time.perf_counter() - started
