@@ -109,3 +109,18 @@ def interrupt_after_iteration(train_script, out_dir, min_iter=3, extra_args=()):
     stopped_at = torch.load(out_dir / "ckpt.pt", weights_only=True)["iter"]
     assert min_iter <= stopped_at < 100000         # the step in flight finished, then the checkpoint was written
     return stopped_at
+
+# ------------------------------------------------------------------ shared by the chapters' corpus tests
+def write_mixed_corpus(folder):
+    """A corpus folder of two compressed files: a text file, and JSON lines that keep their text in the field
+    "body". Returns its documents in the corpus's order (the files sorted by path)."""
+    folder.mkdir()
+    text = "\n\n".join(f"Paragraph {i}. The model predicts the next word from the words before it." for i in range(40))
+    rows = [{"id": i, "body": f"Row {i}: the parser reads line {i} and returns its tokens."} for i in range(80)]
+    import gzip
+    import json
+    with gzip.open(folder / "a_notes.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    with gzip.open(folder / "b_rows.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return [text] + [row["body"] for row in rows]

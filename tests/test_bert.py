@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT, interrupt_after_iteration, load_module, reference
+from conftest import REPO_ROOT, interrupt_after_iteration, load_module, reference, write_mixed_corpus
 
 bert = load_module("04_bert/model.py")
 
@@ -396,17 +396,6 @@ def test_text_files_are_split_into_documents_at_blank_lines(tmp_path):
         train.pretraining_documents(data.Corpus(str(tmp_path)), 512)
 
 
-def write_mixed_corpus(folder):
-    """A corpus folder of two compressed files: a text file, and JSON lines that keep their text in the field
-    "body". Returns its documents in the corpus's order (the files sorted by path)."""
-    folder.mkdir()
-    text = "\n\n".join(f"Paragraph {i}. The model predicts the next word from the words before it." for i in range(40))
-    rows = [{"id": i, "body": f"Row {i}: the parser reads line {i} and returns its tokens."} for i in range(80)]
-    with gzip.open(folder / "a_notes.txt.gz", "wt", encoding="utf-8") as f:
-        f.write(text)
-    with gzip.open(folder / "b_rows.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    return [text] + [row["body"] for row in rows]
 
 
 def test_json_lines_are_documents_and_max_corpus_mb_reads_the_head(tmp_path):

@@ -1,6 +1,5 @@
 """Chapter 01: the neural language model, its gradients, and the train.py recipe end to end."""
 
-import gzip
 import json
 import math
 import re
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, interrupt_after_iteration, load_module
+from conftest import REPO_ROOT, interrupt_after_iteration, load_module, write_mixed_corpus
 
 from common.checkpoint import load_checkpoint
 from common.config import run_main
@@ -227,17 +226,6 @@ def test_a_text_file_of_your_own_pretrains_and_the_default_task_finetunes(tmp_pa
     assert BPETokenizer.load(out_dir / "tokenizer.json").fingerprint == trained_on_my_text.fingerprint
 
 
-def write_mixed_corpus(folder):
-    """A corpus folder of two compressed files: a text file, and JSON lines that keep their text in the field
-    "body". Returns its documents in the corpus's order (the files sorted by path)."""
-    folder.mkdir()
-    text = "\n\n".join(f"Paragraph {i}. The model predicts the next word from the words before it." for i in range(40))
-    rows = [{"id": i, "body": f"Row {i}: the parser reads line {i} and returns its tokens."} for i in range(80)]
-    with gzip.open(folder / "a_notes.txt.gz", "wt", encoding="utf-8") as f:
-        f.write(text)
-    with gzip.open(folder / "b_rows.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    return [text] + [row["body"] for row in rows]
 
 
 def test_a_folder_of_compressed_text_and_json_lines_pretrains(tmp_path):

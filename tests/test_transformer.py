@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import REPO_ROOT, load_module
+from conftest import REPO_ROOT, load_module, write_mixed_corpus
 
 M = load_module("03_transformer/model.py")
 
@@ -576,17 +576,6 @@ def test_init_from_finetunes_a_finished_run_on_instruction_rows(tiny_run, tmp_pa
     assert result.returncode == 2 and "--out_dir" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def write_mixed_corpus(folder):
-    """A corpus folder of two compressed files: a text file, and JSON lines that keep their text in the field
-    "body". Returns its documents in the corpus's order (the files sorted by path)."""
-    folder.mkdir()
-    text = "\n\n".join(f"Paragraph {i}. The model predicts the next word from the words before it." for i in range(40))
-    rows = [{"id": i, "body": f"Row {i}: the parser reads line {i} and returns its tokens."} for i in range(80)]
-    with gzip.open(folder / "a_notes.txt.gz", "wt", encoding="utf-8") as f:
-        f.write(text)
-    with gzip.open(folder / "b_rows.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    return [text] + [row["body"] for row in rows]
 
 
 def test_a_folder_of_compressed_text_and_json_lines_pretrains_and_an_edit_of_it_stops_resume(tmp_path):
