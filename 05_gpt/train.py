@@ -1,20 +1,27 @@
 """Chapter 05: pretrain a GPT, tune it to chat (SFT, then DPO) and to classify, deploy it, talk to it.
 
-    python 05_gpt/train.py                                  # everything, on 2 CPU cores in ~5 minutes
+    python 05_gpt/train.py                                  # everything, on 2 CPU cores in ~5.5 minutes
     python 05_gpt/train.py --preset tiny                    # seconds: a smoke test, in out/05_gpt-tiny
     python 05_gpt/train.py --device cuda --preset gpt2-124m --data my_corpus.txt
     torchrun --standalone --nproc_per_node=2 05_gpt/train.py
     python 05_gpt/train.py --stage sample --prompt "def "
     python 05_gpt/train.py --stage chat                     # talk to the tuned model (or 05_gpt/chat.py)
+    python 05_gpt/train.py --arch llama --n_kv_head 2       # the modern decoder (RMSNorm, RoPE, SwiGLU, GQA)
+    python 05_gpt/train.py --stage ablation                 # GPT-2 -> Llama, one change at a time
+    torchrun --nproc_per_node=8 05_gpt/train.py --preset gpt2-124m --device cuda --parallel fsdp
 
 The recipe, top to bottom:
  1. config and flags              every field of `Config` is a flag; --preset tiny | default | gpt2-124m
- 2. runtime                       device, bf16 autocast on CUDA, --compile, DDP under torchrun
- 3. tokenizer                     byte-level BPE trained once per corpus content (cached), saved with
-                                  the checkpoint as out_dir/tokenizer.json
+ 2. runtime                       device, bf16 autocast on CUDA, --compile, DDP under torchrun, or
+                                  --parallel fsdp | tp (common/parallel.py)
+ 3. tokenizer                     byte-level BPE trained once per corpus (on a sample spread over it,
+                                  cached by its fingerprint), saved with the checkpoint as
+                                  out_dir/tokenizer.json; the corpus streamed into a token cache
  4. pretraining                   L_LM = -sum_t log p(x_t | x_<t), AdamW, warmup + cosine decay,
                                   gradient accumulation and clipping, periodic val loss / perplexity,
-                                  atomic checkpoints, --resume, Ctrl-C saves first
+                                  atomic checkpoints, --resume, Ctrl-C saves first; --arch gpt2 | llama;
+                                  --stage ablation pretrains GPT-2 -> + RMSNorm -> + RoPE -> + SwiGLU ->
+                                  + GQA -> + QK-norm side by side
  5. chat SFT                      multi-turn conversations in a chat template (chat.py: ChatML's
                                   <|im_start|> / <|im_end|>, reserved in the tokenizer), loss on the
                                   assistant's tokens only
