@@ -271,13 +271,12 @@ def estimate_loss(model, tokens, cfg, rt, split):  # same as 05_gpt/train.py
     return sum(losses) / len(losses)
 
 
-def pretrain(cfg, rt, tokenizer, out_dir, ckpt=None):
-    """A short pretraining run on the corpus: the base every method starts from, saved as out_dir/ckpt.pt
-    in chapter 05's checkpoint format (so --base out/07_peft/ckpt.pt reuses it from another folder).
-    `ckpt`: a stopped run's checkpoint to continue (--resume) exactly where it stopped.
+def pretrain(cfg, rt, tokenizer, corpus, out_dir, ckpt=None):
+    """A short pretraining run on `corpus` (a data.Corpus): the base every method starts from, saved as
+    out_dir/ckpt.pt in chapter 05's checkpoint format (so --base out/07_peft/ckpt.pt reuses it from another
+    folder). `ckpt`: a stopped run's checkpoint to continue (--resume) exactly where it stopped.
     Returns (model, pretraining report)."""
-    tokens = data.TokenCache(data.Corpus(cfg.data, cfg.text_field, log=rt.log), tokenizer, runtime=rt, log=rt.log,
-                             rebuild=cfg.rebuild_cache)
+    tokens = data.TokenCache(corpus, tokenizer, runtime=rt, log=rt.log, rebuild=cfg.rebuild_cache)
     rt.log(f"corpus: {cfg.data}: {tokens.num_tokens('train'):,} train / {tokens.num_tokens('val'):,} val tokens"
            f" ({'encoded now' if tokens.built else 'cached'})")
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.vocab_size, n_layer=cfg.n_layer,
@@ -531,7 +530,7 @@ def get_base(cfg, rt, out_dir, by_auto=False):
             raise UserError(f"{ckpt_path} is a stopped pretraining run (iter {ckpt.get('iter')} of {target}): "
                             f"finish it with --resume first")
         tokenizer = load_run_tokenizer(ckpt_path, ckpt)
-        base, summary = pretrain(cfg, rt, tokenizer, out_dir, ckpt)
+        base, summary = pretrain(cfg, rt, tokenizer, data.Corpus(cfg.data, cfg.text_field, log=rt.log), out_dir, ckpt)
         return base, tokenizer, {"source": "pretrained here", "pretrain": summary}
     claim_out_dir(out_dir, claimed, PRETRAINING_FIELDS)
     for spent in (out_dir / "results.json", out_dir / "finetune.pt"):   # rows of the base this run replaces
@@ -541,7 +540,7 @@ def get_base(cfg, rt, out_dir, by_auto=False):
     tokenizer = BPETokenizer.load_or_train(lambda: corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6), cfg.vocab_size,
                                            special_tokens=(EOT,), runtime=rt, log=rt.log,
                                            key=f"{corpus.fingerprint}-{cfg.tokenizer_sample_mb:g}")
-    base, summary = pretrain(cfg, rt, tokenizer, out_dir)
+    base, summary = pretrain(cfg, rt, tokenizer, corpus, out_dir)
     return base, tokenizer, {"source": "pretrained here", "pretrain": summary}
 
 
