@@ -189,13 +189,6 @@ def load_run(path, what):
     return ckpt_path, ckpt, tokenizer
 
 
-def pydocs_part(name):
-    """One half of the pydocs corpus as a list of documents: "docstrings" (the train docstrings only) or
-    "topics" (the language reference pages). (data.pydocs_parts() gives each half joined into one string;
-    as a list, each document ends with the end-of-text token in the token stream, as in a corpus of files.)"""
-    return data._pydocs()[name]
-
-
 def encode_corpus(name, corpus, tokenizer, cfg, rt):
     """The corpus encoded once into train and val token files (common.data.TokenCache, in the cache folder),
     its documents joined by the end-of-text token."""
@@ -309,11 +302,11 @@ def main(argv=None):
     pretrain_name = "pydocs docstrings" if cfg.data == "pydocs" else cfg.data
     pretrain_corpus = finetune_corpus = None
     if cfg.stage != "finetune":                                    # pretraining and the optimizer experiment
-        pretrain_corpus = (data.Corpus(pydocs_part("docstrings")) if cfg.data == "pydocs"
+        pretrain_corpus = (data.Corpus(data.pydocs_documents("docstrings")) if cfg.data == "pydocs"
                            else data.Corpus(cfg.data, cfg.text_field, log=log))
     if cfg.stage in ("all", "finetune"):
         finetune_name = "pydoc topics" if cfg.task == "topics" else Path(cfg.task).name
-        finetune_corpus = (data.Corpus(pydocs_part("topics")) if cfg.task == "topics"
+        finetune_corpus = (data.Corpus(data.pydocs_documents("topics")) if cfg.task == "topics"
                            else data.Corpus(cfg.task, cfg.text_field, log=log))
     report = {"chapter": CHAPTER, "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", "")}
     started = time.perf_counter()

@@ -403,10 +403,17 @@ def _pydocs_tasks():
     return pydocs["tasks"]
 
 
+def pydocs_documents(part):
+    """One half of the pydocs corpus as a list of documents: "topics" (the language reference pages) or
+    "docstrings" (the train docstrings only)."""
+    if part not in ("topics", "docstrings"):
+        raise ValueError(f"pydocs has the parts 'topics' and 'docstrings', not {part!r}")
+    return _pydocs()[part]
+
+
 def pydocs_parts():
-    """The two halves of the pydocs corpus: {"topics": str, "docstrings": str} (train docstrings only)."""
-    pydocs = _pydocs()
-    return {"topics": "\n\n".join(pydocs["topics"]), "docstrings": "\n\n".join(pydocs["docstrings"])}
+    """The two halves of the pydocs corpus, each joined into one string: {"topics": str, "docstrings": str}."""
+    return {part: "\n\n".join(pydocs_documents(part)) for part in ("topics", "docstrings")}
 
 
 # ------------------------------------------------------------------------------------------ corpora
