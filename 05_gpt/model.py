@@ -105,6 +105,8 @@ class GPTConfig:
 # scaled_dot_product_attention shares each K/V head among its query heads itself (enable_gqa) since torch 2.5,
 # without the copies repeat_interleave makes; before, the heads are repeated here.
 SDPA_SHARES_KV_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+# True while torch.compile traces: eager-only fast paths step aside (torch.compiler's is torch 2.3+)
+is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -174,6 +176,8 @@ class RMSNorm(nn.Module):
 
     LayerNorm without the mean subtraction and the bias: [3, 4] -> mean(x^2) = 12.5 -> [0.85, 1.13] (g = 1).
     Computed in float32 and cast back before the gain, as Llama and Qwen do, so a bf16 model matches theirs.
+    `formula` is the definition, differentiated by autograd; in eager mode the forward runs `RMSNormFunction`
+    instead, the same numbers with a hand-written backward (a test keeps the two equal).
     """
 
     def __init__(self, dim, eps):
@@ -182,10 +186,46 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.normalized_shape = (dim,)                          # as nn.LayerNorm's, which chapter 07 reads
 
-    def forward(self, x):
+    def formula(self, x):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
+
+    def forward(self, x):
+        if is_compiling() or not torch.is_grad_enabled():   # compiled: fused by torch.compile; no backward
+            return self.formula(x)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with its gradient written out, for eager mode: autograd's graph of the formula is ~15 small
+    elementwise kernels on a CPU (LayerNorm is one fused kernel each way); this is 3 forward, 5 backward.
+    With r = 1 / sqrt(mean(x^2) + eps) per row (a scalar), x^ = x r and y = g x^:
+
+        dL/dg = sum over rows of dy * x^
+        dL/dx = r (dy g - x^ mean(dy g x^))
+
+    the second term removes the component along x^, the direction in which scaling x leaves x^ unchanged;
+    both terms share P = dy * x^: dL/dg = sum of P's rows, mean(dy g x^) = P g / C.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.float()
+        r = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
+        x_hat = x32 * r                                                        # (..., C); r is (..., 1)
+        ctx.save_for_backward(x_hat, weight, r)
+        ctx.x_dtype = x.dtype
+        return weight * x_hat.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_hat, weight, r = ctx.saved_tensors
+        dy, g, C = dy.float(), weight.float(), x_hat.size(-1)
+        P = (dy * x_hat).reshape(-1, C)                                        # (rows, C)
+        along = (P @ g).view(r.shape).div_(C)                                  # mean(dy g x^), (..., 1)
+        dx = torch.mul(dy, g).addcmul_(x_hat, along, value=-1).mul_(r)
+        return dx.to(ctx.x_dtype), P.sum(0).to(weight.dtype), None
 
 
 def make_norm(config, dim):
@@ -229,20 +269,50 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)   # derived from the config, never saved
 
     def forward(self, positions, dtype=torch.float32):
-        """positions (T,) or (B, T) -> (cos, sin), each (1 or B, 1, T, d): broadcast over the heads. The
-        angles are computed in float32; cos and sin are given in `dtype`, the residual stream's (as Llama)."""
+        """positions (T,) or (B, T) -> (cos, sin) of the angles m w_i, each (1 or B, 1, T, d/2): broadcast over
+        the heads, one per pair (i, i + d/2). The angles are computed in float32; cos and sin are given in
+        `dtype`, the residual stream's (as Llama)."""
         angles = positions[..., None].float() * self.inv_freq.float()  # (.., T, d/2): m w_i
-        angles = torch.cat([angles, angles], dim=-1)                     # (.., T, d): i and i + d/2 share w_i
         if angles.dim() == 2:
-            angles = angles[None]                                        # (1, T, d): the same for every row
+            angles = angles[None]                                        # (1, T, d/2): the same for every row
         return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
 
 
 def apply_rope(x, cos, sin):
-    """x (B, h, T, d) rotated by the angles of its positions: x cos + rotate_half(x) sin."""
-    x1, x2 = x.chunk(2, dim=-1)                                          # (B, h, T, d/2) each
-    rotated = torch.cat([-x2, x1], dim=-1)                               # rotate_half(x)
-    return x * cos + rotated * sin
+    """x (B, h, T, d) rotated by the angles of its positions, the docstring's two lines:
+    [x1 cos - x2 sin, x2 cos + x1 sin] for the halves x1, x2 = x[..., :d/2], x[..., d/2:]."""
+    if is_compiling() or not torch.is_grad_enabled():   # compiled: fused by torch.compile; no backward
+        x1, x2 = x.chunk(2, dim=-1)                                      # (B, h, T, d/2) each
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return RotaryFunction.apply(x, cos, sin)   # eager training: the same numbers, a cheaper backward
+
+
+def rotate_into(x, cos, sin):
+    """The formula of apply_rope with each half written in place: 2 kernels per half, where the formula
+    makes 3 temporaries and a concatenation."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
+    y1, y2 = rotated.chunk(2, dim=-1)                                    # views of its two halves
+    torch.mul(x1, cos, out=y1).addcmul_(x2, sin, value=-1)              # x1 cos - x2 sin
+    torch.mul(x2, cos, out=y2).addcmul_(x1, sin)                         # x2 cos + x1 sin
+    return rotated
+
+
+class RotaryFunction(torch.autograd.Function):
+    """apply_rope with its gradient: a rotation's transpose is the rotation back, R(m w)^T = R(-m w), so
+    dL/dx = rotate_into(dL/dy, cos, -sin). One rotation, where autograd would keep the formula's
+    temporaries and differentiate each product and the concatenation apart."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return rotate_into(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return rotate_into(dy, cos, -sin).to(ctx.x_dtype), None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -288,10 +358,8 @@ class CausalSelfAttention(nn.Module):
             raise ValueError("this attention uses RoPE: pass rope=(cos, sin) of the positions")
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)                # QK-norm, per head over hs
-            if self.uses_rope:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)   # rotate each by its own position
-        elif self.uses_rope:   # q and k are adjacent heads of qkv: one rotation for both (fewer kernels)
-            q, k = apply_rope(qkv[:, :self.n_head + self.n_kv_head], *rope).split([self.n_head, self.n_kv_head], dim=1)
+        if self.uses_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)    # rotate each by its own position
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)            # (B, nkv, T_total, hs), T_total = T_past + T
         grouped = self.n_kv_head != self.n_head
@@ -344,8 +412,40 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        gate, up = self.c_fc(x).chunk(2, dim=-1)                 # W1 x, W3 x: (B, T, intermediate_size) each
-        return self.dropout(self.c_proj(F.silu(gate) * up))
+        h = self.c_fc(x)                                         # [W1 x, W3 x]: (B, T, 2 intermediate_size)
+        eager_training = torch.is_grad_enabled() and not is_compiling()
+        gated = GatedSiLUFunction.apply(h) if eager_training else self.gate(h)   # silu(W1 x) * W3 x
+        return self.dropout(self.c_proj(gated))
+
+    @staticmethod
+    def gate(h):
+        """silu(W1 x) * W3 x from h = [W1 x, W3 x], differentiated by autograd (GatedSiLUFunction in eager)."""
+        gate, up = h.chunk(2, dim=-1)                            # W1 x, W3 x: (B, T, intermediate_size) each
+        return F.silu(gate) * up
+
+
+class GatedSiLUFunction(torch.autograd.Function):
+    """SwiGLU.gate with its gradient written straight into the two halves of one tensor: for y = silu(g) * u,
+    dL/du = dy silu(g) and dL/dg = dy u silu'(g). Autograd would compute them apart and then copy both into
+    place (the backward of chunk: a concatenation as wide as 2 intermediate_size, the widest tensor of the
+    block); written in place, eager mode saves that copy. torch.compile fuses SwiGLU.gate itself."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        activated = F.silu(gate)                                 # silu(g) = g sigmoid(g)
+        ctx.save_for_backward(h, activated)
+        return activated * up
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, activated = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        dh = torch.empty_like(h)
+        d_gate, d_up = dh.chunk(2, dim=-1)                       # views: written in place
+        torch.mul(dy, activated, out=d_up)                       # dL/du = dy silu(g)
+        torch.ops.aten.silu_backward.grad_input(dy * up, gate, grad_input=d_gate)   # dL/dg = (dy u) silu'(g)
+        return dh
 
 
 class Block(nn.Module):

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import difflib
 import inspect
+import os
 import re
 import sys
 import typing
@@ -42,6 +43,30 @@ def run_main(main, *args, **kwargs):
     except KeyboardInterrupt:
         print("\ninterrupted (files already written are complete: every write is atomic)", file=sys.stderr, flush=True)
         sys.exit(130)
+    except Exception as error:
+        line = lost_process_line(error)
+        if line is None:
+            raise                                   # a bug: its traceback is what a developer needs
+        print(line, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)   # not sys.exit: the atexit teardown would wait for the process that is gone
+
+
+def lost_process_line(error):
+    """The one line for a collective that failed because another process of a torchrun run died or hung
+    (gloo: "Connection reset by peer", "Timed out waiting ... for recv"; NCCL errors; torch's DistError),
+    else None. The process that failed first prints its own reason; the others say they lost it."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    text = str(error).strip()
+    if not (isinstance(error, getattr(dist, "DistError", ())) or
+            re.search(r"gloo|nccl|connection (reset|closed|refused)|timed out|broken pipe", text, re.IGNORECASE)):
+        return None
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(error).__name__)  # gloo's file:line
+    reason = reason.split(". This is typically")[0].rstrip(".")[:200]
+    return (f"error: rank {dist.get_rank()}: another process of this run stopped or hung ({reason}); its own output "
+            f"says why, and the checkpoints already written are complete")
 
 
 def field_comments(config_class):

@@ -19,6 +19,7 @@
 import atexit
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -245,7 +246,19 @@ def setup(device="auto", dtype="auto", compile=False, seed=1337):
                       rank=rank, local_rank=local_rank, world_size=world_size, ddp=distributed)
     if distributed:
         atexit.register(runtime.cleanup)
+        # torchrun stops the other ranks with SIGTERM when one fails: say so in one line, not silently
+        signal.signal(signal.SIGTERM, functools.partial(stopped_by_launcher, rank))
     return runtime
+
+
+def stopped_by_launcher(rank, signum, frame):
+    """SIGTERM under torchrun: another rank failed (or the job was cancelled). One line, exit 143 (128 +
+    SIGTERM) at once: a collective with the failed rank could otherwise hold this one until its timeout.
+    Every write is atomic, so what was saved is complete."""
+    print(f"error: rank {rank}: stopped by the launcher (SIGTERM): another process of this run failed or the run "
+          f"was cancelled; the checkpoints already written are complete", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(143)
 
 
 def measure_cpu_peak_flops(size=1024, repeats=5):

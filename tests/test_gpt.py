@@ -1026,6 +1026,28 @@ def test_rmsnorm_is_the_formula():
     assert torch.allclose(norm(constant), -norm.weight, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 16), (16,)])
+def test_rmsnorm_hand_written_backward_equals_autograd_of_the_formula(dtype, shape):
+    torch.manual_seed(0)
+    norm = gpt.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(16) * 0.5)
+    x = (torch.randn(shape) * 3 + 1).to(dtype).requires_grad_()
+    upstream = torch.randn(shape)
+    outputs, grads = [], []
+    for forward in (norm, norm.formula):                     # RMSNormFunction, then the formula
+        y = forward(x)
+        x_grad, weight_grad = torch.autograd.grad(y, (x, norm.weight), upstream.to(y.dtype))
+        outputs.append(y), grads.append((x_grad, weight_grad))
+    assert outputs[0].dtype == outputs[1].dtype and grads[0][0].dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(outputs[0], outputs[1], **tolerance)   # sum of squares by vector_norm: ~1 ulp
+    torch.testing.assert_close(grads[0][0], grads[1][0], **tolerance)
+    torch.testing.assert_close(grads[0][1], grads[1][1], **tolerance)
+    assert grads[0][0].abs().max() > 0.1                      # a real gradient: the test can fail
+
+
 @pytest.mark.parametrize("rope_scaling", [None, LLAMA3_ROPE])
 def test_rope_scores_depend_on_the_relative_position_only(rope_scaling):
     """q_m . k_n = RoPE(q, m) . RoPE(k, n) is a function of m - n: the same for (3, 1) as for (12, 10),
@@ -1046,6 +1068,11 @@ def test_rope_scores_depend_on_the_relative_position_only(rope_scaling):
     assert abs(score(12, 9) - two_apart) > 1e-3
     cos, sin = rotary(torch.arange(7))
     rotated = gpt.apply_rope(q.expand(1, 1, 7, -1), cos, sin)
+    half = config.d_head // 2                                  # the docstring's x cos + rotate_half(x) sin
+    angles = torch.arange(7.0)[:, None] * rotary.inv_freq     # (7, d/2)
+    q1, q2 = q.expand(1, 1, 7, -1)[..., :half], q.expand(1, 1, 7, -1)[..., half:]
+    by_hand = torch.cat([q1 * angles.cos() - q2 * angles.sin(), q2 * angles.cos() + q1 * angles.sin()], dim=-1)
+    torch.testing.assert_close(rotated, by_hand)
     assert torch.allclose(rotated[0, 0, 0], q.flatten())                            # angle 0
     assert torch.allclose(rotated.norm(dim=-1), q.norm().expand(1, 1, 7), atol=1e-5)
 

@@ -84,10 +84,10 @@ def test_interleave_order_puts_each_ranks_heads_together():
 TINY = ["--preset", "tiny", "--stage", "pretrain", "--device", "cpu", "--eval_iters", "4", "--grad_accum", "2"]
 
 
-def launch(args, cache, nproc=2, interrupt_rank0_at=None, timeout=240, rank_args=None):
+def launch(args, cache, nproc=2, interrupt_rank0_at=None, timeout=240, rank_args=None, signal_number=signal.SIGINT):
     """Run train.py on `nproc` ranks (torchrun's environment, one process each); returns [(returncode,
-    stdout, stderr)] per rank. With interrupt_rank0_at, rank 0 gets Ctrl-C once it printed that iter;
-    rank_args {rank: [flags]} adds flags to one rank only."""
+    stdout, stderr)] per rank. With interrupt_rank0_at, rank 0 gets Ctrl-C (or signal_number) once it printed
+    that iter; rank_args {rank: [flags]} adds flags to one rank only."""
     port = free_port()
     processes = []
     for rank in range(nproc):
@@ -102,7 +102,7 @@ def launch(args, cache, nproc=2, interrupt_rank0_at=None, timeout=240, rank_args
         for line in processes[0].stdout:
             lines.append(line)
             if line.startswith("iter") and int(line.split()[1].split("/")[0]) >= interrupt_rank0_at:
-                processes[0].send_signal(signal.SIGINT)
+                processes[0].send_signal(signal_number)
                 break
             assert time.time() < deadline
     results = []
@@ -276,6 +276,20 @@ def test_ranks_started_with_different_flags_stop_with_one_line(cache, tmp_path):
     for code, _, err in results:
         assert code == 2 and "Traceback" not in err
         assert "run different configs (lr differ)" in err.strip().splitlines()[-1]
+
+
+def test_a_rank_that_stops_mid_run_ends_every_rank_with_one_line(cache, tmp_path):
+    # torchrun stops the other ranks with SIGTERM when one fails: rank 0 gets it here, mid-run; rank 1 then
+    # loses its partner inside a collective (gloo: connection reset) and must say so, not hang or trace back
+    started = time.time()
+    results = launch([*TINY, "--max_iters", "5000", "--log_interval", "1", "--out_dir", str(tmp_path)], cache,
+                     interrupt_rank0_at=3, signal_number=signal.SIGTERM, timeout=120)
+    assert time.time() - started < 100                      # well inside the collective timeout: no hang
+    (code0, _, err0), (code1, _, err1) = results
+    assert code0 == 143 and "Traceback" not in err0
+    assert err0.strip().splitlines()[-1].startswith("error: rank 0: stopped by the launcher (SIGTERM)")
+    assert code1 == 1 and "Traceback" not in err1
+    assert err1.strip().splitlines()[-1].startswith("error: rank 1: another process of this run stopped or hung")
 
 
 def test_torch_too_old_for_sharding_is_one_line(monkeypatch):
