@@ -165,9 +165,9 @@ class KVCache:
                 self.buffers[layer_idx][0][:, :, :T_past] = past[0]
                 self.buffers[layer_idx][1][:, :, :T_past] = past[1]
         buffer_k, buffer_v = self.buffers[layer_idx]
-        buffer_k[:, :, T_past:T_total] = k
-        buffer_v[:, :, T_past:T_total] = v
-        self.layers[layer_idx] = (buffer_k[:, :, :T_total], buffer_v[:, :, :T_total])
+        buffer_k.narrow(2, T_past, k.size(2)).copy_(k)             # buffer[:, :, T_past:T_total] = k
+        buffer_v.narrow(2, T_past, v.size(2)).copy_(v)
+        self.layers[layer_idx] = (buffer_k.narrow(2, 0, T_total), buffer_v.narrow(2, 0, T_total))
         return self.layers[layer_idx]
 
 
@@ -192,9 +192,19 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
     def forward(self, x):
-        if is_compiling() or not torch.is_grad_enabled():   # compiled: fused by torch.compile; no backward
+        if is_compiling():   # torch.compile fuses the formula itself
             return self.formula(x)
-        return RMSNormFunction.apply(x, self.weight, self.eps)
+        if torch.is_grad_enabled():
+            return RMSNormFunction.apply(x, self.weight, self.eps)
+        return self.weight * rms_normalize(x, self.eps)[0].to(x.dtype)   # inference: no graph to record
+
+
+def rms_normalize(x, eps):
+    """(x^, r): x^ = x r in float32, r = 1 / sqrt(mean(x^2) + eps) per row, (..., 1). Two passes over x (the
+    sum of squares in one reduction, then the product), where the formula makes four."""
+    x32 = x.float()
+    r = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
+    return x32 * r, r
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -211,9 +221,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x32 = x.float()
-        r = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
-        x_hat = x32 * r                                                        # (..., C); r is (..., 1)
+        x_hat, r = rms_normalize(x, eps)                                       # (..., C), (..., 1)
         ctx.save_for_backward(x_hat, weight, r)
         ctx.x_dtype = x.dtype
         return weight * x_hat.to(x.dtype)
