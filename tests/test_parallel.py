@@ -244,11 +244,15 @@ def test_sharded_checkpoint_resumes_exactly_and_loads_in_one_process(cache, tmp_
     assert_ok(resumed)
     assert "resumed from" in resumed[0][1]
     assert_same_training(tmp_path / "cut", tmp_path / "full")
-    # the consolidated ckpt.pt is what one process reads: --stage sample, and save_pretrained
-    sample = run_one(["--preset", "tiny", "--stage", "sample", "--device", "cpu", "--out_dir", str(tmp_path / "cut")],
-                     cache)
-    assert sample.returncode == 0, sample.stderr[-2000:]
-    assert "samples:" in sample.stdout
+    # the consolidated ckpt.pt is what one process reads: --stage sample (tp) or finetune (fsdp), save_pretrained
+    stage = "sample" if kind == "tp" else "finetune"
+    one = run_one(["--preset", "tiny", "--stage", stage, "--device", "cpu", "--out_dir", str(tmp_path / "cut")], cache)
+    assert one.returncode == 0, one.stderr[-2000:]
+    if stage == "sample":
+        assert "samples:" in one.stdout
+    else:   # every finetuning row of the tiny preset ran on the consolidated model
+        finetune = json.loads((tmp_path / "cut" / "report.json").read_text())["finetune"]
+        assert {"chat", "preference"} <= set(finetune), finetune.keys()
     gpt_model = load_module("05_gpt/model.py")
     ckpt = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
     model = gpt_model.GPT(gpt_model.GPTConfig(**ckpt["model_config"]))
