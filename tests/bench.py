@@ -25,9 +25,11 @@
                 limit (cores x one thread of tiktoken's encode_ordinary on the same bytes), and the same figures
                 extrapolated to 10 GB from the measured rates
     --gpu       the GPU check (also tests/gpu_check.sh), on one CUDA GPU in about 8 minutes: every
-                chapter's tiny preset with --device cuda (bf16 autocast) and --compile, a 1-process
-                torchrun of 05, and 200 steps of 05's gpt2-124m preset; a table of pass/fail, tokens/s,
-                MFU and peak memory, read from each run's last progress line
+                chapter's tiny preset with --device cuda (bf16 autocast) and --compile, 05's modern
+                decoder in eager mode, a 1-process torchrun of 05, 100 compiled steps of 05's gpt2-124m
+                model and that model under a 1-process torchrun with --parallel ddp and fsdp (on pydocs:
+                nothing downloads); a table of pass/fail, tokens/s, MFU and peak memory, read from each
+                run's last progress line
 
 Figures vary with the machine and its load; run it on an otherwise idle machine.
 """
@@ -390,18 +392,28 @@ CHAPTERS = ["01_hello_pytorch", "02_attention", "03_transformer", "04_bert", "05
 
 
 def gpu_check_runs(out_root):
-    """(name, command, timeout in seconds) of every run of the GPU check."""
+    """(name, command, timeout in seconds) of every run of the GPU check. Nothing downloads (a GPU machine may
+    have no internet): the gpt2-124m runs keep the preset's model, batch and vocabulary on the built-in pydocs
+    corpus instead of TinyStories, and share one tokenizer and token cache (the first run builds them)."""
     python = [sys.executable]
+    torchrun = python + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     runs = [(f"{chapter} tiny", python + [f"{chapter}/train.py", "--preset", "tiny", "--device", "cuda",
                                           "--compile", "--out_dir", f"{out_root}/{chapter}"], 150)
             for chapter in CHAPTERS]
-    runs.append(("05_gpt torchrun x1", python + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                                                 "05_gpt/train.py", "--preset", "tiny", "--device", "cuda",
-                                                 "--out_dir", f"{out_root}/05_gpt-torchrun"], 150))
-    runs.append(("05_gpt gpt2-124m 200 steps", python + ["05_gpt/train.py", "--preset", "gpt2-124m", "--device", "cuda",
-                                                        "--compile", "--stage", "pretrain", "--max_iters", "200",
-                                                        "--eval_interval", "200", "--eval_iters", "5",
-                                                        "--log_interval", "20", "--out_dir", f"{out_root}/05_gpt-124m"], 300))
+    runs.append(("05_gpt tiny llama eager", python + ["05_gpt/train.py", "--preset", "tiny", "--device", "cuda",
+                                                      "--arch", "llama", "--n_head", "4", "--n_kv_head", "2",
+                                                      "--out_dir", f"{out_root}/05_gpt-llama"], 150))
+    runs.append(("05_gpt torchrun x1", torchrun + ["05_gpt/train.py", "--preset", "tiny", "--device", "cuda",
+                                                   "--out_dir", f"{out_root}/05_gpt-torchrun"], 150))
+    gpt2_124m = ["05_gpt/train.py", "--preset", "gpt2-124m", "--data", "pydocs", "--device", "cuda", "--stage",
+                 "pretrain", "--eval_iters", "5", "--log_interval", "10"]
+    runs.append(("05_gpt gpt2-124m 100 steps", python + [*gpt2_124m, "--compile", "--max_iters", "100",
+                                                        "--eval_interval", "100", "--out_dir",
+                                                        f"{out_root}/05_gpt-124m"], 300))
+    for parallel in ("ddp", "fsdp"):   # the issue's comparison: the same model and batch on one GPU, eager
+        runs.append((f"05_gpt gpt2-124m {parallel} x1, 50 steps", torchrun + [
+            *gpt2_124m, "--parallel", parallel, "--max_iters", "50", "--eval_interval", "50",
+            "--out_dir", f"{out_root}/05_gpt-124m-{parallel}"], 200))
     return runs
 
 

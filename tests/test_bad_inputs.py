@@ -258,5 +258,6 @@ def test_the_gpu_check_runs_only_flags_that_exist_and_reads_its_figures(tmp_path
         train = load_module(script)
         cfg = parse_config(train.Config, train.PRESETS, argv)
         assert cfg.device == "cuda", name
+        assert cfg.data == "pydocs", (name, cfg.data)   # built in: the GPU machine may be offline
     line = "iter 20/200 | loss 3.2100 | lr 1.00e-03 | 412.3k tok/s | MFU 41.2% | mem 12.31GiB | ETA 1m20s"
     assert bench.last_progress_figures(line) == {"tok/s": "412.3k", "MFU": "41.2%", "peak mem": "12.31GiB"}
