@@ -54,14 +54,17 @@ def run_main(main, *args, **kwargs):
 
 def lost_process_line(error):
     """The one line for a collective that failed because another process of a torchrun run died or hung
-    (gloo: "Connection reset by peer", "Timed out waiting ... for recv"; NCCL errors; torch's DistError),
-    else None. The process that failed first prints its own reason; the others say they lost it."""
+    (gloo: "Connection reset by peer", "Timed out waiting ... for recv"; NCCL: "remote process exited",
+    watchdog timeouts; torch's DistNetworkError / DistStoreError), else None: any other error while a
+    process group is up is a bug and keeps its traceback. The process that failed first prints its own
+    reason; the others say they lost it."""
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return None
     text = str(error).strip()
-    if not (isinstance(error, getattr(dist, "DistError", ())) or
-            re.search(r"gloo|nccl|connection (reset|closed|refused)|timed out|broken pipe", text, re.IGNORECASE)):
+    lost_peer = r"connection (reset|closed|refused)|timed out|timeout|broken pipe|remote process|peer"
+    network_errors = tuple(getattr(dist, name) for name in ("DistNetworkError", "DistStoreError") if hasattr(dist, name))
+    if not (isinstance(error, network_errors) or re.search(lost_peer, text, re.IGNORECASE)):
         return None
     reason = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(error).__name__)  # gloo's file:line
     reason = reason.split(". This is typically")[0].rstrip(".")[:200]

@@ -296,6 +296,22 @@ def test_a_rank_that_stops_mid_run_ends_every_rank_with_one_line(cache, tmp_path
     assert err1.strip().splitlines()[-1].startswith("error: rank 1: another process of this run stopped or hung")
 
 
+def test_only_a_lost_peer_becomes_one_line_a_bug_keeps_its_traceback(tmp_path):
+    from common.config import lost_process_line
+    assert lost_process_line(RuntimeError("Connection reset by peer")) is None     # no process group: not ours
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:20676: "
+                            "Connection reset by peer. This is typically caused by a remote worker hanging")
+        assert lost_process_line(gloo) == ("error: rank 0: another process of this run stopped or hung (Read error "
+                                           "[127.0.0.1]:20676: Connection reset by peer); its own output says why, "
+                                           "and the checkpoints already written are complete")
+        assert lost_process_line(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 6x8)")) is None
+        assert lost_process_line(ValueError("invalid literal for int()")) is None
+    finally:
+        dist.destroy_process_group()
+
+
 def test_torch_too_old_for_sharding_is_one_line(monkeypatch):
     monkeypatch.setattr(parallel, "torch_version", lambda: (2, 1))
     with pytest.raises(UserError, match=r"--parallel fsdp needs torch 2\.6\+"):
