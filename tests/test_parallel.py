@@ -75,6 +75,40 @@ def test_from_scratch_parallel_linears_equal_nn_linear_forward_and_backward(tmp_
     assert not torch.allclose(ranks[0]["x_grad"], ranks[0]["x_grad"] + ranks[1]["x_grad"])
 
 
+def _fsdp_bf16_worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    from torch.distributed.device_mesh import init_device_mesh
+    gpt_model = load_module("05_gpt/model.py")
+    torch.manual_seed(0)
+    config = gpt_model.GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=4, n_embd=32, norm="rmsnorm",
+                                 pos="rope", mlp="swiglu", intermediate_size=64, n_kv_head=2, bias=False)
+    model = gpt_model.GPT(config)
+    reference = gpt_model.GPT(config)
+    reference.load_state_dict(model.state_dict())
+    parallel.apply_fsdp(model, init_device_mesh("cpu", (world_size,)), mixed_precision=torch.bfloat16)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
+    loss = model(x, x)[1]
+    loss.backward()
+    weight = model.transformer.h[0].ln_1.weight
+    torch.save({"loss": loss.detach(), "reference_loss": reference(x, x)[1].detach(),
+                "master_dtype": str(weight.dtype), "grad_dtype": str(weight.grad.dtype)}, out_dir / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@needs_new_torch
+def test_fsdp_bf16_policy_computes_in_bf16_and_keeps_fp32_master_weights_and_gradients(tmp_path):
+    """The policy --parallel fsdp uses on CUDA, run here on gloo: the modern decoder (its eager RMSNorm, RoPE
+    and SwiGLU backwards included) computes in bf16 from fp32 master weights, and reduces fp32 gradients."""
+    mp.spawn(_fsdp_bf16_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["master_dtype"] == got["grad_dtype"] == "torch.float32"
+        assert got["loss"].item() == pytest.approx(got["reference_loss"].item(), abs=0.05)   # bf16's precision
+        assert got["loss"].item() != got["reference_loss"].item()                         # computed in bf16
+
+
 def test_interleave_order_puts_each_ranks_heads_together():
     assert parallel.interleave_order([4, 2, 2], 2).tolist() == [0, 1, 4, 6, 2, 3, 5, 7]
     assert parallel.interleave_order([6], 3).tolist() == list(range(6))
