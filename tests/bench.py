@@ -82,9 +82,10 @@ def bench_tokenizer():
           f"{len(ids):,} tokens, {len(text.encode()) / len(ids):.2f} bytes/token")
 
 
-def time_steps(step_functions, iters, warmup=3):
+def time_steps(step_functions, iters, warmup=3, rounds=None):
     """Run each step function `warmup` times, then `iters` rounds alternating between them; return the
-    median seconds per step of each (alternating spreads any drift in machine load evenly)."""
+    median seconds per step of each (alternating spreads any drift in machine load evenly). With a list
+    `rounds`, each round's {name: seconds} is appended to it too (for ratios within a round)."""
     for step in step_functions.values():
         for _ in range(warmup):
             step()
@@ -94,6 +95,8 @@ def time_steps(step_functions, iters, warmup=3):
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
+        if rounds is not None:
+            rounds.append({name: t[-1] for name, t in times.items()})
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -174,13 +177,17 @@ def bench_modern(iters, compile_too):
             models[name] = model
             steps[name] = make_train_step(model, lambda run=run: run(x, y)[1],
                                           model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu"))
-        seconds = time_steps(steps, iters)
-        per_flop = {name: seconds[name] / models[name].num_flops_per_token() for name in models}
+        rounds = []
+        seconds = time_steps(steps, iters, rounds=rounds)
+        flops = {name: models[name].num_flops_per_token() for name in models}
         for name, model in models.items():
             print(f"{'compiled' if compiled else 'eager':<9} {name:<7} {model.num_parameters() / 1e6:.2f}M parameters "
-                  f"{model.num_flops_per_token() / 1e6:5.1f} MFLOPs/token  {seconds[name] * 1000:6.1f} ms/step")
+                  f"{flops[name] / 1e6:5.1f} MFLOPs/token  {seconds[name] * 1000:6.1f} ms/step")
+        # the median over rounds of each round's ratio: the two steps of a round see the same machine load
+        ratios = sorted(r["modern"] / r["GPT-2"] * flops["GPT-2"] / flops["modern"] for r in rounds)
         print(f"{'compiled' if compiled else 'eager':<9} time per FLOP, modern / GPT-2: "
-              f"{per_flop['modern'] / per_flop['GPT-2']:.3f}")
+              f"{statistics.median(ratios):.3f} (middle half of the {len(ratios)} rounds: "
+              f"{ratios[len(ratios) // 4]:.3f} to {ratios[(3 * len(ratios)) // 4 - 1]:.3f})")
 
 
 def bench_ablation(iters):
