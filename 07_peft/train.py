@@ -702,7 +702,9 @@ def activation_bytes(model, loss_fn):
     def pack(tensor):
         storage = tensor.untyped_storage()
         saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # detached: a saved output kept with its grad_fn would form a cycle through C++ that no gc.collect()
+        # frees when backward never runs, as here (pytorch#189025): every method's graph stayed alive
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = loss_fn()

@@ -373,7 +373,7 @@ def saved_activation_bytes(model, x):
 
     def pack(tensor):
         total.append(tensor.numel() * tensor.element_size())
-        return tensor
+        return tensor.detach()            # not the tensor itself: a saved output would keep its graph alive
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = model(x, x)[1]
     return loss, sum(total)
