@@ -303,11 +303,11 @@ def main(argv=None):
     pretrain_corpus = finetune_corpus = None
     if cfg.stage != "finetune":                                    # pretraining and the optimizer experiment
         pretrain_corpus = (data.Corpus(data.pydocs_documents("docstrings")) if cfg.data == "pydocs"
-                           else data.Corpus(cfg.data, cfg.text_field, log=log))
+                           else data.Corpus(cfg.data, cfg.text_field, log=log, runtime=rt))
     if cfg.stage in ("all", "finetune"):
         finetune_name = "pydoc topics" if cfg.task == "topics" else Path(cfg.task).name
         finetune_corpus = (data.Corpus(data.pydocs_documents("topics")) if cfg.task == "topics"
-                           else data.Corpus(cfg.task, cfg.text_field, log=log))
+                           else data.Corpus(cfg.task, cfg.text_field, log=log, runtime=rt))
     report = {"chapter": CHAPTER, "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", "")}
     started = time.perf_counter()
 

@@ -476,7 +476,7 @@ def main(argv=None):
     pretrains = cfg.stage in ("all", "pretrain") and not cfg.init_from
     # The corpus is opened before the experiments (lazily: nothing is read in full), so that a missing, empty
     # or binary file fails before them too.
-    corpus = data.Corpus(cfg.data, cfg.text_field, log=log) if pretrains else None
+    corpus = data.Corpus(cfg.data, cfg.text_field, log=log, runtime=rt) if pretrains else None
     report = {"chapter": CHAPTER, "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", "")}
     started = time.perf_counter()
 

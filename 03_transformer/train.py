@@ -464,7 +464,7 @@ def main(argv=None):
     source_path, source_ckpt, tokenizer = None, None, None
     if not pretrains_here:
         source_path, source_ckpt, tokenizer = read_pretrained(cfg.init_from or pretrain_path)
-    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log) if pretrains_here else None   # opened, not read
+    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log, runtime=rt) if pretrains_here else None   # opened, not read
     examples = {} if cfg.stage == "pretrain" else {
         split: data.load_task(cfg.task, split) for split in ("train", "val", "test")}
     if cfg.max_eval_examples and examples:

@@ -302,19 +302,6 @@ def is_cjk(c):
 
 # ----------------------------------------------------------------------------------------- pretraining data
 
-def open_corpus(cfg, rt):   # same as 06_t5/train.py
-    """The --data corpus, opened: common.data.Corpus checks its files now and reads them later, piece by piece.
-    A named corpus (c4:N, tinystories...) is downloaded by rank 0 alone while the other ranks wait, then
-    found in the cache folder: two processes writing one download would spoil it."""
-    downloads = data.corpus_urls(cfg.data) is not None
-    if downloads and not rt.is_main:
-        rt.barrier()                       # rank 0 is downloading
-    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log)
-    if downloads and rt.is_main:
-        rt.barrier()                       # the files are complete: the other ranks open them now
-    return corpus
-
-
 def pretraining_documents(corpus, max_corpus_mb, log=print):
     """The head of the corpus, at most `max_corpus_mb` MB of text, as a list of documents: the pairs of next
     sentence prediction are built in memory, and that bounds it. pydocs and JSON lines come as documents (a
@@ -1100,7 +1087,7 @@ def main(argv=None):
     elif cfg.stage in ("finetune", "simcse"):
         pretrained, tokenizer = load_finished_run(cfg, rt, out_dir)
     else:
-        corpus = open_corpus(cfg, rt)
+        corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log, runtime=rt)
         checkpoint = checkpoint_to_resume(cfg, out_dir, corpus) if cfg.resume else None
         documents = pretraining_documents(corpus, cfg.max_corpus_mb, log=rt.log)
         claim_out_dir(out_dir, asdict(cfg), CLAIMED_FIELDS)

@@ -1190,7 +1190,7 @@ def main(argv=None):
 
     # What can fail fails here, before the slow work: the corpus, the tasks, the folder, the weights.
     pretraining = cfg.stage in ("all", "pretrain", "ablation") and not cfg.init_from
-    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log) if pretraining else None
+    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log, runtime=rt) if pretraining else None
     tasks = load_finetuning_tasks(cfg) if cfg.stage in ("all", "finetune") else {}
     # DPO starts from the chat SFT model: it runs when a chat task does
     preference_pairs = ({split: data.load_preferences(cfg.preferences, split) for split in data.SPLITS}

@@ -335,19 +335,6 @@ def score(metric, predictions, references):
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(1, len(references))
 
 
-def open_corpus(cfg, rt):   # same as 04_bert/train.py
-    """The --data corpus, opened: common.data.Corpus checks its files now and reads them later, piece by piece.
-    A named corpus (c4:N, tinystories...) is downloaded by rank 0 alone while the other ranks wait, then
-    found in the cache folder: two processes writing one download would spoil it."""
-    downloads = data.corpus_urls(cfg.data) is not None
-    if downloads and not rt.is_main:
-        rt.barrier()                       # rank 0 is downloading
-    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log)
-    if downloads and rt.is_main:
-        rt.barrier()                       # the files are complete: the other ranks open them now
-    return corpus
-
-
 # ----------------------------------------------------------------------------------------------------
 # the model to finetune, when this run does not pretrain it
 
@@ -613,7 +600,7 @@ def main(argv=None):
         source_path, tokenizer = Path(cfg.init_from), read_hf_tokenizer(cfg.init_from)
     elif not pretrains_here:
         source_path, source_ckpt, tokenizer = read_pretrained(pretrain_path)
-    corpus = open_corpus(cfg, rt) if pretrains_here else None
+    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log, runtime=rt) if pretrains_here else None
     chosen = [task for task in TASKS if task[0] in cfg.tasks.split(",")]
     if cfg.task:                                        # a user's file: one more task in the mix
         chosen.append((user_task_prefix(cfg), cfg.task, None))

@@ -530,13 +530,13 @@ def get_base(cfg, rt, out_dir, by_auto=False):
             raise UserError(f"{ckpt_path} is a stopped pretraining run (iter {ckpt.get('iter')} of {target}): "
                             f"finish it with --resume first")
         tokenizer = load_run_tokenizer(ckpt_path, ckpt)
-        base, summary = pretrain(cfg, rt, tokenizer, data.Corpus(cfg.data, cfg.text_field, log=rt.log), out_dir, ckpt)
+        base, summary = pretrain(cfg, rt, tokenizer, data.Corpus(cfg.data, cfg.text_field, log=rt.log, runtime=rt), out_dir, ckpt)
         return base, tokenizer, {"source": "pretrained here", "pretrain": summary}
     claim_out_dir(out_dir, claimed, PRETRAINING_FIELDS)
     for spent in (out_dir / "results.json", out_dir / "finetune.pt"):   # rows of the base this run replaces
         spent.unlink(missing_ok=True)
     rt.log(f"tokenizer: {cfg.vocab_size}-token BPE on {cfg.data} (trained once per corpus, then cached)")
-    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log)
+    corpus = data.Corpus(cfg.data, cfg.text_field, log=rt.log, runtime=rt)
     tokenizer = BPETokenizer.load_or_train(lambda: corpus.sample_texts(cfg.tokenizer_sample_mb * 1e6), cfg.vocab_size,
                                            special_tokens=(EOT,), runtime=rt, log=rt.log,
                                            key=f"{corpus.fingerprint}-{cfg.tokenizer_sample_mb:g}")

@@ -550,7 +550,8 @@ class Corpus:
         corpus.fingerprint                            # changes when the corpus does (see below)
 
     spec: "pydocs" (default, offline; small, built in memory), "shakespeare", "wikitext-2", "tinystories",
-    "c4" / "c4:N" (downloaded once into the cache folder), a file, or a folder. A .txt file is one document
+    "c4" / "c4:N" (downloaded once into the cache folder; by rank 0 alone under DDP, given `runtime`), a file,
+    or a folder. A .txt file is one document
     (read in pieces cut at line starts); a .jsonl line is one document, its `text_field`. What is missing,
     empty, binary or not UTF-8 is a UserError of one line, the cheap checks (every file's first block) at
     construction, before anything slow.
@@ -560,7 +561,7 @@ class Corpus:
     that keeps the size, the mtime and both ends is missed: delete the cached tokens (--rebuild_cache).
     """
 
-    def __init__(self, spec="pydocs", text_field="text", log=print):
+    def __init__(self, spec="pydocs", text_field="text", log=print, runtime=None):
         self.spec, self.text_field = str(spec), text_field
         self.memory_documents, self.files = None, []
         if isinstance(spec, (list, tuple)):                  # documents already in memory (small texts)
@@ -569,7 +570,13 @@ class Corpus:
             pydocs = _pydocs()
             self.memory_documents = pydocs["topics"] + pydocs["docstrings"]
         elif corpus_urls(self.spec) is not None:
+            # under DDP (`runtime`) rank 0 downloads while the others wait, then they find its files in the
+            # cache folder: two processes writing one download would spoil it
+            if runtime is not None and not runtime.is_main:
+                runtime.barrier()                            # rank 0 is downloading
             self.files = _download(self.spec, log=log)
+            if runtime is not None and runtime.is_main:
+                runtime.barrier()                            # the files are complete: the others open them now
         else:
             path = Path(self.spec).expanduser()
             if path.is_dir():

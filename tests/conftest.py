@@ -124,3 +124,17 @@ def write_mixed_corpus(folder):
     with gzip.open(folder / "b_rows.jsonl.gz", "wt", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     return [text] + [row["body"] for row in rows]
+
+
+def assert_every_document_tokenized(stdout, corpus, documents, tokenizer_path, vocab_size, special_tokens):
+    """A run on write_mixed_corpus's folder trained its BPE on every document (the same tokenizer as one
+    trained here), and its token stream holds each one, an end-of-text token between two (the train + val
+    counts the run printed). Returns the run's tokenizer."""
+    import re
+    from common.tokenizer import BPETokenizer
+    tokenizer = BPETokenizer.load(tokenizer_path)
+    assert tokenizer.fingerprint == BPETokenizer.train(documents, vocab_size, special_tokens=special_tokens).fingerprint
+    counts = re.search(rf"{re.escape(str(corpus))}: ([\d,]+) train / ([\d,]+) val tokens", stdout).groups()
+    separators = len(documents) - 1
+    assert sum(int(n.replace(",", "")) for n in counts) == sum(len(tokenizer.encode(d)) for d in documents) + separators
+    return tokenizer

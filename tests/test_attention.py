@@ -4,7 +4,6 @@ and the train.py recipe runs end to end."""
 import json
 import math
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, interrupt_after_iteration, load_module, write_mixed_corpus
+from conftest import (REPO_ROOT, assert_every_document_tokenized, interrupt_after_iteration, load_module,
+                      write_mixed_corpus)
 
 from common.checkpoint import load_checkpoint
 from common.config import run_main
@@ -320,11 +320,7 @@ def test_a_folder_of_compressed_text_and_json_lines_pretrains(tmp_path):
     result = run_train("--data", str(corpus), "--text_field", "body", "--out_dir", str(out_dir), "--device", "cpu",
                        "--stage", "pretrain")
     assert result.returncode == 0, result.stderr[-2000:]
-    tokenizer = BPETokenizer.load(out_dir / "tokenizer.json")
-    assert tokenizer.fingerprint == BPETokenizer.train(documents, 300, special_tokens=(train.EOT,)).fingerprint
-    counts = re.search(rf"{re.escape(str(corpus))}: ([\d,]+) train / ([\d,]+) val tokens", result.stdout).groups()
-    separators = len(documents) - 1
-    assert sum(int(n.replace(",", "")) for n in counts) == sum(len(tokenizer.encode(d)) for d in documents) + separators
+    assert_every_document_tokenized(result.stdout, corpus, documents, out_dir / "tokenizer.json", 300, (train.EOT,))
     report = json.loads((out_dir / "report.json").read_text())
     assert report["pretrain"]["corpus"] == str(corpus) and report["pretrain"]["val_loss"] < math.log(300)
 

@@ -4,6 +4,7 @@ The pydocs corpus is built once for this module into a temporary cache folder (L
 tests never read or write the user's ~/.cache.
 """
 
+import gzip
 import http.server
 import json
 import os
@@ -613,3 +614,27 @@ def test_c4_names_its_shards(monkeypatch):
     with pytest.raises(UserError, match="c4:1 to c4:1024"):
         data.corpus_urls("c4:0")
     assert data.corpus_urls("c5") is None
+
+
+def test_a_named_corpus_is_downloaded_by_rank_0_while_the_others_wait(monkeypatch, tmp_path):
+    """Corpus under DDP (runtime): for a corpus that downloads, rank 0 downloads it before the barrier and
+    the other ranks open it after, so that no two processes write one file; a local file needs no barrier."""
+    events = []
+    local = tmp_path / "my_corpus.txt"
+    local.write_text("a line of text\n")
+
+    class Runtime:
+        def __init__(self, rank):
+            self.rank, self.is_main = rank, rank == 0
+
+        def barrier(self):
+            events.append((self.rank, "barrier"))
+
+    downloaded = tmp_path / "c4-shard.json.gz"
+    with gzip.open(downloaded, "wt") as f:
+        f.write(json.dumps({"text": "a document"}) + "\n")
+    for rank in (0, 1):
+        monkeypatch.setattr(data, "_download", lambda spec, log, rank=rank: events.append((rank, spec)) or [downloaded])
+        for spec in ("c4:2", local):
+            data.Corpus(spec, runtime=Runtime(rank))
+    assert events == [(0, "c4:2"), (0, "barrier"), (1, "barrier"), (1, "c4:2")]

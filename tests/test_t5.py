@@ -3,7 +3,6 @@
 import gzip
 import json
 import os
-import re
 import shutil
 import signal
 import struct
@@ -13,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, load_module, reference, write_mixed_corpus
+from conftest import REPO_ROOT, assert_every_document_tokenized, load_module, reference, write_mixed_corpus
 
 t5 = load_module("06_t5/model.py")
 
@@ -505,30 +504,6 @@ def test_the_gpu_preset_pretrains_on_about_20_tokens_per_parameter():
     assert tokens <= int(cfg.data.split(":")[1]) * 170e6                  # C4 shards of ~170M GPT-2 tokens each
 
 
-def test_a_named_corpus_is_downloaded_by_rank_0_while_the_others_wait(monkeypatch):
-    """open_corpus under DDP: for a corpus that downloads, rank 0 opens (downloads) it before the barrier
-    and the other ranks after it, so that no two processes write one file; a local file needs no barrier."""
-    events = []
-
-    class Runtime:
-        def __init__(self, rank):
-            self.rank, self.is_main = rank, rank == 0
-
-        def log(self, *args):
-            pass
-
-        def barrier(self):
-            events.append((self.rank, "barrier"))
-
-    for rank in (0, 1):
-        runtime = Runtime(rank)
-        monkeypatch.setattr(train.data, "Corpus", lambda spec, text_field, log, rank=rank: events.append((rank, spec)))
-        for spec in ("c4:2", "my_corpus.txt"):
-            train.open_corpus(train.Config(data=spec), runtime)
-    assert events == [(0, "c4:2"), (0, "barrier"), (0, "my_corpus.txt"),
-                      (1, "barrier"), (1, "c4:2"), (1, "my_corpus.txt")]
-
-
 def test_learning_rate_schedules():
     assert train.get_lr(0, 1.0, 10, 100, "inverse_sqrt", 0.0) == pytest.approx(0.1)          # warmup: linear
     assert train.get_lr(9, 1.0, 10, 100, "inverse_sqrt", 0.0) == pytest.approx(1.0)
@@ -686,19 +661,14 @@ def test_a_folder_of_compressed_text_and_json_lines_pretrains_and_an_edit_of_it_
     """--data a folder with a .txt.gz and a .jsonl.gz (its text under --text_field body): the BPE is trained on
     every document and the token stream holds each one, an end-of-text token between two. The checkpoint
     records the corpus's fingerprint: once a file changes, --resume refuses to continue on other text."""
-    from common.tokenizer import BPETokenizer
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     documents = write_mixed_corpus(corpus)
     args = [*tiny_args(out), "--data", str(corpus), "--text_field", "body", "--stage", "pretrain"]
     result = run_train(*args)
     assert result.returncode == 0, result.stderr[-2000:]
-    tokenizer = BPETokenizer.load(out / "tokenizer.json")
     sentinels = tuple(f"<extra_id_{i}>" for i in range(train.PRESETS["tiny"]["num_sentinels"]))
-    trained = BPETokenizer.train(documents, 320, special_tokens=train.SPECIAL_TOKENS + sentinels)
-    assert tokenizer.fingerprint == trained.fingerprint
-    counts = re.search(rf"{re.escape(str(corpus))}: ([\d,]+) train / ([\d,]+) val tokens", result.stdout).groups()
-    separators = len(documents) - 1
-    assert sum(int(n.replace(",", "")) for n in counts) == sum(len(tokenizer.encode(d)) for d in documents) + separators
+    assert_every_document_tokenized(result.stdout, corpus, documents, out / "tokenizer.json", 320,
+                                    train.SPECIAL_TOKENS + sentinels)
     assert json.loads((out / "report.json").read_text())["pretrain"]["iters"] == 30
     with gzip.open(corpus / "b_rows.jsonl.gz", "at", encoding="utf-8") as f:
         f.write(json.dumps({"body": "One more row, written after the run."}) + "\n")

@@ -5,7 +5,6 @@ import itertools
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import REPO_ROOT, load_module, write_mixed_corpus
+from conftest import REPO_ROOT, assert_every_document_tokenized, load_module, write_mixed_corpus
 
 M = load_module("03_transformer/model.py")
 
@@ -582,17 +581,12 @@ def test_a_folder_of_compressed_text_and_json_lines_pretrains_and_an_edit_of_it_
     """--data a folder with a .txt.gz and a .jsonl.gz (its text under --text_field body): the BPE is trained on
     every document and the token stream holds each one, an end-of-text token between two. The checkpoint
     records the corpus's fingerprint: once a file changes, --resume refuses to continue on other text."""
-    from common.tokenizer import BPETokenizer
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     documents = write_mixed_corpus(corpus)
     command = tiny_command(out) + ["--data", str(corpus), "--text_field", "body", "--stage", "pretrain"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
-    tokenizer = BPETokenizer.load(out / "tokenizer.json")
-    assert tokenizer.fingerprint == BPETokenizer.train(documents, 300, special_tokens=T.SPECIAL_TOKENS).fingerprint
-    counts = re.search(rf"{re.escape(str(corpus))}: ([\d,]+) train / ([\d,]+) val tokens", result.stdout).groups()
-    separators = len(documents) - 1
-    assert sum(int(n.replace(",", "")) for n in counts) == sum(len(tokenizer.encode(d)) for d in documents) + separators
+    assert_every_document_tokenized(result.stdout, corpus, documents, out / "tokenizer.json", 300, T.SPECIAL_TOKENS)
     assert json.loads((out / "report.json").read_text())["pretrain"]["iters"] == 30
     with gzip.open(corpus / "b_rows.jsonl.gz", "at", encoding="utf-8") as f:
         f.write(json.dumps({"body": "One more row, written after the run."}) + "\n")
